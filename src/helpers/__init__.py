@@ -1,0 +1,28 @@
+"""Helpers for the notebooks on transfer learning with pretrained causal language models.
+
+Every notebook imports this package; each public function has a one-line docstring saying what it returns.
+"""
+from .data import Corpus, load_corpus, make_blocks, make_dataloader, tokenize
+from .device import available_devices, device_report, get_device, matmul_gflops
+from .evaluation import generate, perplexity, token_nll
+from .memory import training_memory
+from .models import (
+    DEFAULT_MODEL,
+    cache_dir,
+    default_model_name,
+    heads_are_tied,
+    load_model,
+    meta_model,
+    quiet_transformers,
+    qwen2_0_5b_config,
+    with_random_head,
+)
+
+__all__ = [
+    "Corpus", "load_corpus", "make_blocks", "make_dataloader", "tokenize",
+    "available_devices", "device_report", "get_device", "matmul_gflops",
+    "generate", "perplexity", "token_nll",
+    "training_memory",
+    "DEFAULT_MODEL", "cache_dir", "default_model_name", "heads_are_tied", "load_model", "meta_model",
+    "quiet_transformers", "qwen2_0_5b_config", "with_random_head",
+]

@@ -1,0 +1,116 @@
+"""Perplexity over held-out text and text generation."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .data import tokenize
+
+
+def windows(n_tokens: int, block_size: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """Return (begin, end, n_context) per window: tokens begin..end are fed, the first n_context are context only.
+
+    With stride = block_size (the default) the windows do not overlap and every token but the first of
+    each window is predicted. A smaller stride re-feeds block_size - stride tokens of context so each
+    scored token sees more history (the sliding window of the transformers perplexity guide).
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2; got {block_size}.")
+    stride = block_size if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be between 1 and block_size ({block_size}); got {stride}.")
+    spans, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + block_size, n_tokens)
+        # Tokens before prev_end were already scored; they are fed only as context.
+        n_context = max(prev_end - begin, 0)
+        if end - begin >= 2 and end > prev_end:
+            spans.append((begin, end, n_context))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return spans
+
+
+@torch.no_grad()
+def token_nll(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    *,
+    block_size: int = 256,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> tuple[float, int]:
+    """Return (summed negative log-likelihood in nats, number of predicted tokens) over the 1-D `ids`."""
+    if ids.numel() < 2:
+        raise ValueError(f"Perplexity needs at least 2 tokens (one input, one target); got {ids.numel()}.")
+    device = next(model.parameters()).device
+    spans = windows(ids.numel(), block_size, stride)
+    # Batch windows of equal length together: no padding, so every forward is one dense full-sequence pass.
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:
+        groups.setdefault(span[1] - span[0], []).append(span)
+    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    show = len(batches) > 4 if progress is None else progress
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for batch in tqdm(batches, desc="perplexity", disable=not show, leave=False):
+        x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        targets = x[:, 1:].clone()
+        for row, (_, _, n_context) in enumerate(batch):
+            # Target position j predicts token j+1; tokens 1..n_context-1 were scored by an earlier window.
+            targets[row, : max(n_context - 1, 0)] = -100
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((targets != -100).sum())
+    model.train(was_training)
+    return total_nll, total_tokens
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: str | list[str],
+    *,
+    block_size: int = 256,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> float:
+    """Return exp of the token-weighted mean negative log-likelihood of `texts` under `model`."""
+    nll, n = token_nll(model, tokenize(tokenizer, texts), block_size=block_size, stride=stride, batch_size=batch_size, progress=progress)
+    return math.exp(nll / n)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    *,
+    max_new_tokens: int = 60,
+    greedy: bool = True,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> str:
+    """Return the text the model writes after `prompt` (greedy by default, else seeded nucleus sampling)."""
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    torch.manual_seed(seed)
+    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **sampling,
+    )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
