@@ -1,0 +1,35 @@
+"""Re-execute notebooks in place, outputs included, as a reader's Restart & Run All would.
+
+Usage: python scripts/run_notebooks.py notebooks/*.ipynb
+Each notebook runs in a fresh kernel with its own folder as the working directory, the way
+JupyterLab and nbval run it. A notebook that raises stops the run with its traceback.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+
+def run(path: Path, timeout: int = 1800) -> float:
+    """Execute the notebook at `path` in place and return the seconds it took."""
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbformat.write(nb, path)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str]) -> int:
+    paths = [Path(p) for p in argv] or sorted(Path("notebooks").glob("*.ipynb"))
+    for path in paths:
+        print(f"{path} ...", flush=True)
+        print(f"{path}: {run(path):.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,74 @@
+"""Tiny random models from configs (GPT-2, Qwen2, Llama) and a tiny tokenizer: every test runs offline in seconds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 256
+
+
+def tiny_config(family: str) -> transformers.PretrainedConfig:
+    """Return a 2-to-4-block config of `family` ('gpt2', 'qwen2' or 'llama') small enough for a unit test."""
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=3, n_head=4, tie_word_embeddings=True)
+    if family == "qwen2":
+        return transformers.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        )
+    if family == "llama":
+        # Untied, unlike the other two, so both cases are covered.
+        return transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ("gpt2", "qwen2", "llama")
+
+
+def tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """Return a freshly initialised tiny causal LM of `family` in eval mode, fp32, on the CPU."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family) -> transformers.PreTrainedModel:
+    return tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with VOCAB ids, built locally (no Hub): one id per Latin-1 character, plus EOS."""
+    vocab = {chr(i): i for i in range(1, VOCAB - 1)}
+    vocab["<unk>"], vocab["</s>"] = 0, VOCAB - 1
+    # WordLevel over single characters keeps ids < VOCAB; characters above U+00FE map to <unk>.
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    fast.pad_token = fast.eos_token
+    return fast
+
+
+@pytest.fixture
+def text() -> str:
+    return (
+        "fn main() { let owner = String::from(\"value\"); let borrowed = &owner; println!(\"{borrowed}\"); }\n"
+        "Ownership moves the value; borrowing lends it without moving. "
+    ) * 6
