@@ -1,0 +1,96 @@
+"""Perplexity checked against an independent computation, and generation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+from helpers.evaluation import windows
+
+
+def reference_nll(model, ids, block_size, stride):
+    """Sum of -log p(token) scored once each, one window at a time, as the transformers perplexity guide does."""
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + block_size, ids.numel())
+        target_len = end - prev_end
+        x = ids[begin:end].unsqueeze(0)
+        with torch.no_grad():
+            logp = F.log_softmax(model(x).logits[0].double(), dim=-1)
+        for pos in range(end - target_len, end):
+            if pos == begin:  # the window's first token has no context inside the window
+                continue
+            total -= logp[pos - begin - 1, ids[pos]].item()
+            count += 1
+        prev_end = end
+        if end == ids.numel():
+            break
+    return total, count
+
+
+@pytest.mark.parametrize("stride", [None, 8])
+def test_perplexity_matches_independent_computation(model, tokenizer, text, stride):
+    ids = helpers.tokenize(tokenizer, text)
+    nll, n = helpers.token_nll(model, ids, block_size=32, stride=stride, batch_size=3)
+    ref_nll, ref_n = reference_nll(model, ids, 32, stride or 32)
+    assert n == ref_n
+    assert nll == pytest.approx(ref_nll, rel=1e-5)
+    ppl = helpers.perplexity(model, tokenizer, text, block_size=32, stride=stride)
+    assert ppl == pytest.approx(math.exp(ref_nll / ref_n), rel=1e-5)
+
+
+def test_sliding_window_scores_every_token_but_the_first_once():
+    spans = windows(100, 32, 8)
+    scored = []
+    for begin, end, n_context in spans:
+        scored += list(range(begin + max(n_context, 1), end))
+    assert sorted(scored) == list(range(1, 100))
+
+
+def test_perplexity_is_token_weighted_not_a_mean_of_batch_means(model, tokenizer, text):
+    # 3 full blocks and one short tail block: a mean of per-batch means would weight the tail like a full block.
+    ids = helpers.tokenize(tokenizer, text)[: 3 * 32 + 5]
+    nll_all, n_all = helpers.token_nll(model, ids, block_size=32, batch_size=8)
+    assert n_all == 3 * 31 + 4
+    nll_one, n_one = helpers.token_nll(model, ids, block_size=32, batch_size=1)
+    assert (n_one, nll_one) == (n_all, pytest.approx(nll_all, rel=1e-5))
+
+
+def test_random_model_scores_near_the_vocabulary_size(model, tokenizer, text):
+    # A freshly initialised model predicts nearly uniformly: perplexity close to the vocabulary size.
+    ppl = helpers.perplexity(model, tokenizer, text, block_size=64)
+    assert 0.5 * model.config.vocab_size < ppl < 2 * model.config.vocab_size
+
+
+def test_perplexity_rejects_bad_arguments(model, tokenizer, text):
+    with pytest.raises(ValueError, match="stride must be between 1 and block_size"):
+        helpers.perplexity(model, tokenizer, text, block_size=16, stride=32)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        helpers.token_nll(model, torch.tensor([5]))
+
+
+def test_perplexity_restores_training_mode(model, tokenizer, text):
+    model.train()
+    helpers.perplexity(model, tokenizer, text, block_size=32)
+    assert model.training
+
+
+def test_greedy_generation_is_deterministic_and_sampling_is_seeded(model, tokenizer):
+    a = helpers.generate(model, tokenizer, "fn main", max_new_tokens=12)
+    b = helpers.generate(model, tokenizer, "fn main", max_new_tokens=12)
+    assert a == b and isinstance(a, str)
+    s1 = helpers.generate(model, tokenizer, "fn main", max_new_tokens=12, greedy=False, seed=1)
+    s2 = helpers.generate(model, tokenizer, "fn main", max_new_tokens=12, greedy=False, seed=1)
+    assert s1 == s2
+
+
+def test_with_random_head_unties_and_leaves_the_original_alone(model):
+    tied = helpers.heads_are_tied(model)
+    before = model.get_output_embeddings().weight.clone()
+    broken = helpers.with_random_head(model, seed=1)
+    assert tied == model.config.tie_word_embeddings
+    assert not helpers.heads_are_tied(broken)
+    assert not torch.equal(broken.get_output_embeddings().weight, before)
+    assert torch.equal(model.get_output_embeddings().weight, before)
+    assert helpers.heads_are_tied(model) == tied
