@@ -94,3 +94,8 @@ def test_with_random_head_unties_and_leaves_the_original_alone(model):
     assert not torch.equal(broken.get_output_embeddings().weight, before)
     assert torch.equal(model.get_output_embeddings().weight, before)
     assert helpers.heads_are_tied(model) == tied
+
+
+def test_a_head_of_zeros_guesses_uniformly_and_scores_exactly_the_vocabulary_size(model, tokenizer, text):
+    uniform = helpers.with_random_head(model, std=0.0)
+    assert helpers.perplexity(uniform, tokenizer, text, block_size=32) == pytest.approx(model.config.vocab_size, rel=1e-5)

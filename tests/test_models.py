@@ -69,3 +69,12 @@ def test_qwen2_0_5b_meta_model_has_the_published_shape():
     n = sum(p.numel() for p in model.parameters())  # parameters() yields the tied tensor once
     assert 494_000_000 < n < 495_000_000
     assert helpers.heads_are_tied(model)
+
+
+def test_tied_checkpoint_stores_no_separate_head(tmp_path, family, model, tokenizer):
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    names = helpers.checkpoint_tensor_names(str(tmp_path))
+    head = [n for n in names if n.startswith("lm_head")]
+    assert (head == []) == model.config.tie_word_embeddings
+    assert helpers.load_config(str(tmp_path)).model_type == model.config.model_type

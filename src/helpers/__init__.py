@@ -9,8 +9,10 @@ from .memory import training_memory
 from .models import (
     DEFAULT_MODEL,
     cache_dir,
+    checkpoint_tensor_names,
     default_model_name,
     heads_are_tied,
+    load_config,
     load_model,
     meta_model,
     quiet_transformers,
@@ -23,6 +25,7 @@ __all__ = [
     "available_devices", "device_report", "get_device", "matmul_gflops",
     "generate", "perplexity", "token_nll",
     "training_memory",
-    "DEFAULT_MODEL", "cache_dir", "default_model_name", "heads_are_tied", "load_model", "meta_model",
+    "DEFAULT_MODEL", "cache_dir", "checkpoint_tensor_names", "default_model_name", "heads_are_tied", "load_config",
+    "load_model", "meta_model",
     "quiet_transformers", "qwen2_0_5b_config", "with_random_head",
 ]

@@ -152,18 +152,39 @@ def heads_are_tied(model: PreTrainedModel) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
-def with_random_head(model: PreTrainedModel, *, seed: int = 0) -> PreTrainedModel:
-    """Return a copy of `model` whose output head is a fresh, randomly initialised layer (the report's bug)."""
+def with_random_head(model: PreTrainedModel, *, seed: int = 0, std: float | None = None) -> PreTrainedModel:
+    """Return a copy of `model` whose output head is a fresh random layer (the report's bug); std=0 gives a uniform guesser."""
     broken = copy.deepcopy(model)
     old = broken.get_output_embeddings()
     generator = torch.Generator().manual_seed(seed)
-    std = getattr(broken.config, "initializer_range", 0.02)
+    # The model's own initialiser scale is what a hand-built head that found no weights would be left with.
+    std = getattr(broken.config, "initializer_range", 0.02) if std is None else std
     weight = torch.randn(old.weight.shape, generator=generator) * std
     head = torch.nn.Linear(old.in_features, old.out_features, bias=False)
     head.weight = torch.nn.Parameter(weight.to(old.weight.device, old.weight.dtype))
     broken.set_output_embeddings(head)
     broken.config.tie_word_embeddings = False
     return broken
+
+
+def load_config(name_or_path: str | None = None) -> transformers.PretrainedConfig:
+    """Return the configuration of a model (default: the notebooks' model) without loading its weights."""
+    return transformers.AutoConfig.from_pretrained(resolve_model(name_or_path))
+
+
+def checkpoint_tensor_names(name_or_path: str | None = None) -> list[str]:
+    """Return the names of the tensors stored in a local model's safetensors checkpoint, sorted."""
+    from safetensors import safe_open
+
+    folder = Path(resolve_model(name_or_path))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors files; pass a local folder written by save_pretrained.")
+    names: list[str] = []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.extend(f.keys())
+    return sorted(names)
 
 
 def qwen2_0_5b_config() -> transformers.Qwen2Config:
