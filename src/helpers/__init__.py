@@ -19,6 +19,30 @@ from .models import (
     qwen2_0_5b_config,
     with_random_head,
 )
+from .experiment import (
+    PROMPT,
+    RECIPE,
+    baseline_perplexity,
+    load_results,
+    recipe_config,
+    recipe_data,
+    results_dir,
+    run_experiment,
+    save_result,
+)
+from .plotting import plot_history, plot_trainable_map
+from .strategies import (
+    STRATEGIES,
+    LayerMap,
+    StrategyInfo,
+    apply_strategy,
+    count_parameters,
+    count_tensors,
+    find_layers,
+    register_strategy,
+    trainable_map,
+)
+from .training import TrainConfig, load_trained, save_full, save_trained, train
 
 __all__ = [
     "Corpus", "load_corpus", "make_blocks", "make_dataloader", "tokenize",
@@ -28,4 +52,10 @@ __all__ = [
     "DEFAULT_MODEL", "cache_dir", "checkpoint_tensor_names", "default_model_name", "heads_are_tied", "load_config",
     "load_model", "meta_model",
     "quiet_transformers", "qwen2_0_5b_config", "with_random_head",
+    "PROMPT", "RECIPE", "baseline_perplexity", "load_results", "recipe_config", "recipe_data", "results_dir",
+    "run_experiment", "save_result",
+    "plot_history", "plot_trainable_map",
+    "STRATEGIES", "LayerMap", "StrategyInfo", "apply_strategy", "count_parameters", "count_tensors", "find_layers",
+    "register_strategy", "trainable_map",
+    "TrainConfig", "load_trained", "save_full", "save_trained", "train",
 ]

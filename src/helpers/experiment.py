@@ -1,0 +1,176 @@
+"""The shared recipe of notebooks 03-08: same data, token budget and seed for every strategy, and its results files."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import Corpus, load_corpus, make_dataloader
+from .evaluation import generate, perplexity
+from .models import cache_dir, default_model_name, load_model
+from .strategies import apply_strategy, count_parameters, count_tensors, trainable_map
+from .training import TrainConfig, train
+
+RECIPE: dict = {
+    "block_size": 128,        # tokens per training block
+    "batch_size": 4,          # blocks per optimizer step
+    "steps": 25,              # optimizer steps: 25 x 4 x 128 = 12,800 training tokens for every strategy
+    "lr": 1e-4,
+    "warmup_steps": 3,
+    "min_lr_ratio": 0.1,
+    "grad_clip": 1.0,
+    "weight_decay": 0.0,
+    "eval_every": 5,          # validation on a few fixed blocks during training ...
+    "eval_batches": 2,        # ... (2 x 4 x 128 tokens); full validation and test perplexity once at the end
+    "eval_block_size": 256,   # window of the final perplexity
+    "seed": 0,
+    "max_new_tokens": 40,
+}
+"""The one training recipe shared by every strategy, so their results compare at an equal token budget."""
+
+PROMPT = "In Rust, a borrowed reference"
+"""The prompt every notebook completes before and after training."""
+
+
+def results_dir() -> Path:
+    """Return the repository's results/ folder (created if missing)."""
+    path = Path(__file__).resolve().parents[2] / "results"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def recipe_config(**overrides) -> TrainConfig:
+    """Return the TrainConfig of RECIPE, with `overrides` (any TrainConfig field) applied."""
+    fields = TrainConfig.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"Unknown TrainConfig field(s) {unknown}. Valid fields: {', '.join(fields)}.")
+    values = {k: v for k, v in RECIPE.items() if k in fields}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def recipe_data(tokenizer, corpus: Corpus | None = None) -> tuple[DataLoader, DataLoader]:
+    """Return (train, validation) DataLoaders of RECIPE blocks: training shuffled with the recipe seed, validation fixed."""
+    corpus = corpus or load_corpus()
+    size, batch, seed = RECIPE["block_size"], RECIPE["batch_size"], RECIPE["seed"]
+    train_data = make_dataloader(tokenizer, corpus.train, block_size=size, batch_size=batch, shuffle=True, seed=seed)
+    val_data = make_dataloader(tokenizer, corpus.validation, block_size=size, batch_size=batch, shuffle=False)
+    return train_data, val_data
+
+
+def _fingerprint(model: nn.Module, texts: list[str]) -> str:
+    """Return a hash of the model's class, config and weights and of the text: the key of a cached perplexity."""
+    digest = hashlib.sha256()
+    unwrapped = getattr(model, "config", None)
+    digest.update(type(model).__name__.encode())
+    digest.update((unwrapped.to_json_string(use_diff=False) if unwrapped is not None else "").encode())
+    with torch.no_grad():
+        for p in model.parameters():
+            digest.update(f"{p.double().sum().item():.12e}".encode())
+    for t in texts:
+        digest.update(hashlib.sha256(t.encode()).digest())
+    digest.update(str(RECIPE["eval_block_size"]).encode())
+    return digest.hexdigest()[:24]
+
+
+def baseline_perplexity(model: nn.Module, tokenizer, texts: list[str], *, cache: bool = True) -> float:
+    """Return the perplexity of the untrained `model` on `texts`, cached on disk by model weights + text hash."""
+    path = cache_dir() / "perplexity" / f"{_fingerprint(model, texts)}.json"
+    if cache and path.is_file():
+        return float(json.loads(path.read_text())["perplexity"])
+    ppl = perplexity(model, tokenizer, texts, block_size=RECIPE["eval_block_size"])
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"perplexity": ppl}))
+    return ppl
+
+
+def evaluate(model: nn.Module, tokenizer, corpus: Corpus) -> dict[str, float]:
+    """Return the full validation and test perplexity of `model` (RECIPE eval window)."""
+    size = RECIPE["eval_block_size"]
+    return {
+        "val_ppl": perplexity(model, tokenizer, corpus.validation, block_size=size),
+        "test_ppl": perplexity(model, tokenizer, corpus.test, block_size=size),
+    }
+
+
+def complete(model: nn.Module, tokenizer, prompt: str = PROMPT) -> str:
+    """Return the greedy continuation of `prompt` (RECIPE length): what the notebooks print before and after."""
+    return generate(model, tokenizer, prompt, max_new_tokens=RECIPE["max_new_tokens"])
+
+
+def make_result(model: nn.Module, history, *, strategy: str, baseline_test_ppl: float, evaluation: dict[str, float],
+                generation_before: str, generation_after: str, prompt: str = PROMPT, model_name: str | None = None) -> dict:
+    """Return the result record of one run (the contents of results/<strategy>.json)."""
+    trainable, total = count_parameters(model)
+    trainable_tensors, total_tensors = count_tensors(model)
+    info = getattr(model, "strategy_info", None)
+    attrs = history.attrs
+    return {
+        "strategy": strategy,
+        "options": dict(getattr(info, "options", {}) or {}),
+        "summary": getattr(info, "summary", ""),
+        "model": model_name or default_model_name(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_tensors": trainable_tensors,
+        "total_tensors": total_tensors,
+        "baseline_test_ppl": baseline_test_ppl,
+        "val_ppl": evaluation["val_ppl"],
+        "test_ppl": evaluation["test_ppl"],
+        "ppl_ratio": evaluation["test_ppl"] / baseline_test_ppl,
+        "train_seconds": attrs.get("train_seconds"),
+        "train_tokens": attrs.get("tokens"),
+        "tokens_per_second": attrs.get("tokens_per_second"),
+        "peak_memory_mb": attrs.get("peak_memory_mb"),
+        "precision": attrs.get("precision"),
+        "gradient_checkpointing": attrs.get("gradient_checkpointing"),
+        "recipe": dict(RECIPE),
+        "config": attrs.get("config"),
+        "torch_threads": torch.get_num_threads(),
+        "prompt": prompt,
+        "generation_before": generation_before,
+        "generation_after": generation_after,
+        "history": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                    for row in history.to_dict(orient="records")],
+    }
+
+
+def save_result(result: dict, path: str | Path | None = None) -> Path:
+    """Return the path the result record was written to (default results/<strategy>.json)."""
+    path = Path(path) if path is not None else results_dir() / f"{result['strategy']}.json"
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    return path
+
+
+def load_results(folder: str | Path | None = None) -> dict[str, dict]:
+    """Return {strategy: result record} for every results/*.json file."""
+    folder = Path(folder) if folder is not None else results_dir()
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def run_experiment(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None,
+                   config: TrainConfig | None = None, prompt: str = PROMPT, save: bool = True, **options) -> dict:
+    """Return the result record of one strategy under the shared recipe (and write results/<strategy>.json if `save`)."""
+    model, tokenizer = load_model(model_name)
+    corpus = corpus or load_corpus()
+    train_data, val_data = recipe_data(tokenizer, corpus)
+    baseline = baseline_perplexity(model, tokenizer, corpus.test)
+    before = complete(model, tokenizer, prompt)
+    model = apply_strategy(model, strategy, **options)
+    history = train(model, train_data, val_data, config or recipe_config())
+    result = make_result(
+        model, history, strategy=strategy, baseline_test_ppl=baseline, evaluation=evaluate(model, tokenizer, corpus),
+        generation_before=before, generation_after=complete(model, tokenizer, prompt), prompt=prompt,
+        model_name=model_name,
+    )
+    result["trainable_map"] = trainable_map(model).reset_index().to_dict(orient="records")
+    if save:
+        save_result(result)
+    return result

@@ -1,0 +1,310 @@
+"""Which parts of a decoder-only model train: find the parts structurally, freeze by strategy, count what trains."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+from torch import nn
+
+_NORM_TYPES = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+
+
+@dataclass
+class LayerMap:
+    """The parts of a decoder-only causal LM, found by structure rather than by parameter names."""
+
+    embeddings: list[nn.Module]
+    blocks: nn.ModuleList
+    final_norm: nn.Module | None
+    head: nn.Module
+    tied: bool
+
+    def parts(self) -> list[tuple[str, list[nn.Module]]]:
+        """Return (part name, modules) bottom to top: embeddings, block 0 .. n-1, final norm, head."""
+        rows = [("embeddings", list(self.embeddings))]
+        rows += [(f"block {i}", [b]) for i, b in enumerate(self.blocks)]
+        rows.append(("final norm", [self.final_norm] if self.final_norm is not None else []))
+        rows.append(("head", [self.head]))
+        return rows
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the transformers model inside a peft wrapper (or `model` itself when it is not wrapped)."""
+    seen = 0
+    while hasattr(model, "get_base_model") and callable(model.get_base_model) and seen < 4:
+        inner = model.get_base_model()
+        if inner is model:
+            break
+        model, seen = inner, seen + 1
+    return model
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def _cannot(model: nn.Module, why: str) -> ValueError:
+    return ValueError(
+        f"Cannot find the layers of {type(model).__name__}: {why}. The strategies work on transformers "
+        "decoder-only causal LMs (GPT-2, Qwen2, Llama and the like) whose transformer blocks sit in one "
+        "nn.ModuleList of config.num_hidden_layers blocks, with get_input_embeddings() and get_output_embeddings()."
+    )
+
+
+def find_layers(model: nn.Module) -> LayerMap:
+    """Return the LayerMap (embeddings, blocks, final norm, head, tied) of a decoder-only causal LM."""
+    base = unwrap(model)
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"find_layers needs a torch nn.Module; got {type(model).__name__}.")
+    config = getattr(base, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n_blocks = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n_blocks, int) or n_blocks < 1:
+        raise _cannot(base, "it has no config.num_hidden_layers")
+    get_in, get_out = getattr(base, "get_input_embeddings", None), getattr(base, "get_output_embeddings", None)
+    token = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    if token is None:
+        raise _cannot(base, "get_input_embeddings() returned nothing")
+    if head is None or getattr(head, "weight", None) is None:
+        raise _cannot(base, "get_output_embeddings() returned no head with a weight (is it a causal LM?)")
+
+    names = {m: n for n, m in base.named_modules()}
+    lists = [m for m in names if isinstance(m, nn.ModuleList) and len(m) == n_blocks]
+    if not lists:
+        raise _cannot(base, f"no nn.ModuleList holds its {n_blocks} blocks")
+    # Several lists of that length would be unusual; the blocks are the one that holds the weights.
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    if sum(p.numel() for p in blocks.parameters()) == 0:
+        raise _cannot(base, f"the nn.ModuleList of {n_blocks} modules at '{names[blocks]}' holds no parameters")
+
+    block_name = names[blocks]
+    parent = base.get_submodule(block_name.rpartition(".")[0]) if "." in block_name else base
+    # The final norm is the first norm registered after the blocks in their parent module.
+    final_norm, after = None, False
+    for child in parent.children():
+        if child is blocks:
+            after = True
+        elif after and _is_norm(child) and any(True for _ in child.parameters()):
+            final_norm = child
+            break
+
+    # A learned position embedding is any other nn.Embedding outside the blocks and the head (GPT-2's wpe).
+    inside = {id(m) for m in blocks.modules()} | {id(m) for m in head.modules()}
+    positions = [
+        m for m in names
+        if isinstance(m, nn.Embedding) and m is not token and id(m) not in inside and getattr(m, "weight", None) is not None
+    ]
+    tied = head.weight is getattr(token, "weight", None)
+    return LayerMap(embeddings=[token, *positions], blocks=blocks, final_norm=final_norm, head=head, tied=tied)
+
+
+def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return (trainable, total) element counts over unique tensors; a tied head and embedding count once."""
+    params = _unique_parameters(model)
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def count_tensors(model: nn.Module) -> tuple[int, int]:
+    """Return (trainable tensors, all tensors): how many weight tensors, not how many numbers (the report's 291)."""
+    params = _unique_parameters(model)
+    return sum(1 for p in params if p.requires_grad), len(params)
+
+
+@dataclass
+class StrategyInfo:
+    """What a strategy did: its name, options and a one-paragraph summary; attached as model.strategy_info."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    summary: str = ""
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Return the optimizer's parameter groups: by default every trainable tensor at learning rate `lr`."""
+        return [{"params": [p for p in _unique_parameters(model) if p.requires_grad], "lr": lr}]
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        """Do nothing; strategies that change what trains during training (gradual unfreezing) override this."""
+
+    def __str__(self) -> str:
+        return self.summary
+
+
+STRATEGIES: dict[str, Callable] = {}
+"""Registry of strategy name -> fn(model, **options) -> (model, StrategyInfo)."""
+
+
+def register_strategy(name: str) -> Callable[[Callable], Callable]:
+    """Return a decorator that registers fn(model, **options) -> (model, StrategyInfo) under `name`."""
+
+    def decorator(fn: Callable) -> Callable:
+        STRATEGIES[name] = fn
+        return fn
+
+    return decorator
+
+
+def _options_of(fn: Callable) -> list[str]:
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def apply_strategy(model: nn.Module, name: str, **options) -> nn.Module:
+    """Return the model ready to train under strategy `name`: requires_grad set, model.strategy_info attached."""
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {name!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.")
+    fn = STRATEGIES[name]
+    valid = _options_of(fn)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {unknown} for strategy {name!r}. Valid options: {', '.join(valid) or 'none'}."
+        )
+    model, info = fn(model, **options)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise ValueError(
+            f"Strategy {name!r} with options {options} leaves 0 of {total:,} parameters trainable in "
+            f"{type(unwrap(model)).__name__}; training would change nothing. Choose options that leave "
+            "something to train (for example fewer frozen blocks)."
+        )
+    model.strategy_info = info
+    return model
+
+
+def _set(modules: list[nn.Module], flag: bool) -> None:
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(flag)
+
+
+def _freeze_all_but(model: nn.Module, layers: LayerMap, trainable: list[nn.Module]) -> None:
+    _set([model], False)
+    _set(trainable, True)
+    # Freezing wins: a head tied to the frozen token embedding is that same tensor, so it stays frozen.
+    _set(layers.embeddings, False)
+
+
+def _tied_note(layers: LayerMap, embeddings_frozen: bool) -> str:
+    if not layers.tied:
+        return " The head has its own weight (not tied to the embedding)."
+    if embeddings_frozen:
+        return (
+            " The head is tied to the token embedding (one shared tensor), so freezing the embedding "
+            "freezes the head as well: the output projection does not train."
+        )
+    return " The head is tied to the token embedding (one shared tensor), so both train together."
+
+
+def _span(first: int, end: int) -> str:
+    if end - first <= 0:
+        return "no blocks"
+    return f"block {first}" if end - first == 1 else f"blocks {first}-{end - 1}"
+
+
+def _resolve_n(value: int | float, n_blocks: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be an int (blocks) or a float fraction of the {n_blocks} blocks; got {value!r}.")
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{what} as a fraction must lie in [0, 1]; got {value}.")
+        value = round(value * n_blocks)
+    if not 0 <= value <= n_blocks:
+        raise ValueError(f"{what} must lie between 0 and the model's {n_blocks} blocks; got {value}.")
+    return int(value)
+
+
+@register_strategy("full_fine_tuning")
+def full_fine_tuning(model: nn.Module) -> tuple[nn.Module, StrategyInfo]:
+    """Return the model with every parameter trainable, and its StrategyInfo."""
+    layers = find_layers(model)
+    _set([model], True)
+    summary = "Full fine-tuning: every parameter trains." + _tied_note(layers, False)
+    return model, StrategyInfo("full_fine_tuning", {}, summary)
+
+
+@register_strategy("freeze_embeddings")
+def freeze_embeddings(model: nn.Module) -> tuple[nn.Module, StrategyInfo]:
+    """Return the model with the embeddings frozen and everything else trainable, and its StrategyInfo."""
+    layers = find_layers(model)
+    _set([model], True)
+    _set(layers.embeddings, False)
+    what = "token and position embeddings are" if len(layers.embeddings) > 1 else "token embedding is"
+    summary = f"Freeze embeddings: the {what} frozen; all blocks, the final norm and the head train." + _tied_note(layers, True)
+    return model, StrategyInfo("freeze_embeddings", {}, summary)
+
+
+@register_strategy("freeze_lower_layers")
+def freeze_lower_layers(model: nn.Module, *, n_frozen: int | float = 2 / 3) -> tuple[nn.Module, StrategyInfo]:
+    """Return the model with the embeddings and the lowest `n_frozen` blocks frozen (int, or fraction), and its StrategyInfo."""
+    layers = find_layers(model)
+    n_blocks = len(layers.blocks)
+    k = _resolve_n(n_frozen, n_blocks, "n_frozen")
+    _freeze_all_but(model, layers, list(layers.blocks[k:]) + [m for m in (layers.final_norm, layers.head) if m is not None])
+    summary = (
+        f"Freeze lower layers: the embeddings and {_span(0, k)} ({k} of {n_blocks}) are frozen; "
+        f"{_span(k, n_blocks)}, the final norm and the head train." if k else
+        f"Freeze lower layers with n_frozen=0: only the embeddings are frozen; all {n_blocks} blocks, the final norm and the head train."
+    ) + _tied_note(layers, True)
+    return model, StrategyInfo("freeze_lower_layers", {"n_frozen": k}, summary)
+
+
+@register_strategy("adapter_layers")
+def adapter_layers(model: nn.Module, *, n_top: int = 2) -> tuple[nn.Module, StrategyInfo]:
+    """Return the model with only the top `n_top` blocks, the final norm and the head trainable, and its StrategyInfo."""
+    layers = find_layers(model)
+    n_blocks = len(layers.blocks)
+    k = _resolve_n(n_top, n_blocks, "n_top")
+    top = list(layers.blocks[n_blocks - k:]) if k else []
+    _freeze_all_but(model, layers, top + [m for m in (layers.final_norm, layers.head) if m is not None])
+    first = n_blocks - k
+    blocks = f"{_span(first, n_blocks)} (the top {k} of {n_blocks})" if k else "no blocks"
+    summary = f"Adapter layers: only {blocks}, the final norm and the head train; everything below is frozen." + _tied_note(layers, True)
+    return model, StrategyInfo("adapter_layers", {"n_top": k}, summary)
+
+
+def _unmapped(model: nn.Module, layers: LayerMap) -> list[nn.Parameter]:
+    mapped = {id(p) for _, mods in layers.parts() for m in mods for p in m.parameters()}
+    return [p for p in _unique_parameters(model) if id(p) not in mapped]
+
+
+def trainable_map(model: nn.Module) -> pd.DataFrame:
+    """Return a table with one row per part (embeddings, block 0..n-1, final norm, head): parameters and trainable ones."""
+    layers = find_layers(model)
+    seen: set[int] = set()
+    rows = []
+    for part, modules in layers.parts():
+        params, shared = [], False
+        for m in modules:
+            for p in m.parameters():
+                if id(p) in seen:
+                    shared = True
+                    continue
+                seen.add(id(p))
+                params.append(p)
+        note = "tied to the token embedding (counted there)" if part == "head" and layers.tied else ""
+        if shared and not note:
+            note = "shares tensors with a part above"
+        rows.append({
+            "part": part,
+            "parameters": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "note": note,
+        })
+    rest = [p for p in _unmapped(model, layers) if id(p) not in seen]
+    if rest:
+        rows.append({"part": "other", "parameters": sum(p.numel() for p in rest),
+                     "trainable": sum(p.numel() for p in rest if p.requires_grad), "note": "outside the mapped parts"})
+    return pd.DataFrame(rows).set_index("part")

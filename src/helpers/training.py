@@ -1,0 +1,385 @@
+"""The training loop: AdamW on the trainable tensors, warmup + cosine, clipping, accumulation, periodic validation."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+HISTORY_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "seconds"]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of `train`; one optimizer step consumes grad_accum batches."""
+
+    steps: int = 30
+    lr: float = 3e-4
+    warmup_steps: int = 3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    eval_every: int = 10
+    eval_batches: int | None = None
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: bool = False
+    progress: bool = True
+    min_lr_ratio: float = 0.1
+    eval_at_start: bool = True
+
+    def check(self) -> None:
+        """Raise ValueError naming the first field with an impossible value."""
+        if self.steps < 1:
+            raise ValueError(f"TrainConfig.steps must be at least 1; got {self.steps}.")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive; got {self.lr}.")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"TrainConfig.warmup_steps must lie between 0 and steps ({self.steps}); got {self.warmup_steps}.")
+        if self.grad_accum < 1:
+            raise ValueError(f"TrainConfig.grad_accum must be at least 1; got {self.grad_accum}.")
+        if self.eval_every < 0:
+            raise ValueError(f"TrainConfig.eval_every must be >= 0 (0 = only at the end); got {self.eval_every}.")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"TrainConfig.eval_batches must be None (all) or at least 1; got {self.eval_batches}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1]; got {self.min_lr_ratio}.")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Return the multiplier of the base learning rate at optimizer step `step` (1-based): linear warmup, cosine decay."""
+    if config.warmup_steps and step <= config.warmup_steps:
+        return step / config.warmup_steps
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Return (input_ids, attention_mask or None, next-token targets with -100 where nothing is predicted)."""
+    if isinstance(batch, dict):
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+    else:
+        ids = batch[0] if isinstance(batch, (list, tuple)) else batch
+        mask, labels = None, None
+    ids = ids.to(device)
+    labels = ids if labels is None else labels.to(device)
+    targets = labels[:, 1:]
+    if mask is not None:
+        mask = mask.to(device)
+        targets = targets.masked_fill(mask[:, 1:] == 0, -100)
+    return ids, mask, targets
+
+
+def _loss_sum(model: nn.Module, batch, device: torch.device, autocast) -> tuple[torch.Tensor, int]:
+    """Return (summed next-token NLL, number of predicted tokens) of one batch, scoring only real targets."""
+    ids, mask, targets = _batch_tensors(batch, device)
+    keep = targets != -100
+    n = int(keep.sum())
+    with autocast():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    logits = out.logits[:, :-1]
+    if n < keep.numel():
+        # Padding and ignored positions never reach the loss: select the scored positions first.
+        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"), n
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, data: DataLoader, *, max_batches: int | None = None, autocast=contextlib.nullcontext) -> float:
+    """Return the token-weighted mean next-token NLL (nats) of `model` over `data` (the first `max_batches`)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            break
+        loss, n = _loss_sum(model, batch, device, autocast)
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("The validation data holds no tokens to predict; pass a non-empty DataLoader.")
+    return total / count
+
+
+def _autocast_for(device: torch.device, enabled: bool) -> tuple[object, str]:
+    """Return (autocast context factory, precision label): bf16/fp16 autocast on CUDA when asked, else fp32."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext, "fp32"
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return (lambda: torch.autocast("cuda", dtype=dtype)), ("bf16" if dtype == torch.bfloat16 else "fp16")
+
+
+class _PeakMemory:
+    """Track peak memory while training: CUDA's allocator peak, or the process's resident set on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            import resource  # ru_maxrss is KiB on Linux, bytes on macOS; only used when /proc is absent
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> "_PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Return whether gradient checkpointing is on (the attribute was renamed in transformers 5)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or name in vars(model):
+            return bool(getattr(model, name))
+    return False
+
+
+def _batches(data: DataLoader):
+    """Yield batches forever, starting a new pass over `data` whenever one ends."""
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("The training DataLoader is empty; it needs at least one batch.")
+
+
+def _optimizer_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    info = getattr(model, "strategy_info", None)
+    if info is not None:
+        groups = info.param_groups(model, lr)
+    else:
+        seen: set[int] = set()
+        params = [p for p in model.parameters() if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        groups = [{"params": params, "lr": lr}]
+    groups = [dict(g, params=list(g["params"])) for g in groups]
+    for g in groups:
+        g.setdefault("weight_decay", weight_decay)
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters: every tensor has requires_grad=False. "
+            "Apply a strategy that leaves something to train (helpers.apply_strategy) before calling train()."
+        )
+    return groups
+
+
+def train(
+    model: nn.Module,
+    train_data: DataLoader,
+    val_data: DataLoader,
+    config: TrainConfig | None = None,
+    *,
+    callback=None,
+) -> pd.DataFrame:
+    """Return the training history (step, tokens, train_loss, val_loss, val_ppl, lr, seconds), training `model` in place.
+
+    Ctrl-C (KeyboardInterrupt) stops early and returns the history so far; a NaN or infinite loss raises
+    FloatingPointError naming the step. history.attrs records precision, gradient checkpointing,
+    tokens per second and peak memory.
+    """
+    config = config or TrainConfig()
+    config.check()
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
+    groups = _optimizer_groups(model, config.lr, config.weight_decay)
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, **fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1, config))
+    autocast, precision = _autocast_for(device, config.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    info = getattr(model, "strategy_info", None)
+
+    was_training = model.training
+    checkpointing_before = _checkpointing(model)
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing=False.")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    history: list[dict] = []
+    tokens, train_seconds, interrupted = 0, 0.0, False
+
+    def validate() -> tuple[float, float]:
+        val = evaluate_loss(model, val_data, max_batches=config.eval_batches, autocast=autocast)
+        return val, math.exp(min(val, 700.0))
+
+    bar = tqdm(total=config.steps, desc=f"train ({precision}{', checkpointing' if config.gradient_checkpointing else ''})",
+               disable=not config.progress, leave=False)
+    stream = _batches(train_data)
+    memory = _PeakMemory(device)
+    try:
+        with memory:
+            if config.eval_at_start:
+                val, ppl = validate()
+                history.append({"step": 0, "tokens": 0, "train_loss": float("nan"), "val_loss": val, "val_ppl": ppl,
+                                "lr": 0.0, "seconds": 0.0})
+            for step in range(1, config.steps + 1):
+                start = time.perf_counter()
+                lr_now = optimizer.param_groups[0]["lr"]
+                batches = [next(stream) for _ in range(config.grad_accum)]
+                counts = [int((_batch_tensors(b, torch.device("cpu"))[2] != -100).sum()) for b in batches]
+                total_targets = max(sum(counts), 1)
+                loss_sum = 0.0
+                for batch in batches:
+                    loss, n = _loss_sum(model, batch, device, autocast)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"The training loss became {loss.item()} at step {step} (learning rate {lr_now:.3g}). "
+                            "Lower TrainConfig.lr, keep grad_clip on, or check the data for empty blocks."
+                        )
+                    # Scale so the accumulated gradient is that of the token-weighted mean over all micro-batches.
+                    scaled = loss / total_targets
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    loss_sum += loss.item()
+                    tokens += batch_size_tokens(batch)
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if config.grad_clip:
+                    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                train_seconds += time.perf_counter() - start
+                if info is not None:
+                    info.on_step(model, step)
+                row = {"step": step, "tokens": tokens, "train_loss": loss_sum / total_targets,
+                       "val_loss": float("nan"), "val_ppl": float("nan"), "lr": lr_now, "seconds": train_seconds}
+                if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+                    row["val_loss"], row["val_ppl"] = validate()
+                history.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+                if callback is not None:
+                    callback(dict(row))
+    except KeyboardInterrupt:
+        interrupted = True
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        bar.close()
+        if config.gradient_checkpointing and not checkpointing_before:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+
+    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
+    frame.attrs.update({
+        "precision": precision,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "interrupted": interrupted,
+        "train_seconds": train_seconds,
+        "tokens": tokens,
+        "tokens_per_second": tokens / train_seconds if train_seconds else float("nan"),
+        "peak_memory_mb": memory.mb,
+        "config": asdict(config),
+    })
+    if interrupted:
+        print(f"Training interrupted after {len(frame[frame.step > 0])} of {config.steps} steps; returning the history so far.")
+    return frame
+
+
+def batch_size_tokens(batch) -> int:
+    """Return the number of input tokens in one batch (padding included: it is what the model processes)."""
+    ids = batch["input_ids"] if isinstance(batch, dict) else (batch[0] if isinstance(batch, (list, tuple)) else batch)
+    return ids.numel()
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return {name: tensor} of the trainable parameters only (tied tensors once), detached on the CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model: nn.Module, path: str | Path) -> Path:
+    """Return the path of a safetensors file holding only the trainable tensors of `model` (a small artifact)."""
+    from safetensors.torch import save_file
+
+    state = trained_state(model)
+    if not state:
+        raise ValueError(f"{type(model).__name__} has no trainable tensors to save; apply a strategy first.")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = getattr(model, "strategy_info", None)
+    save_file(state, str(path), metadata={"strategy": getattr(info, "name", ""), "model": type(model).__name__})
+    return path
+
+
+@torch.no_grad()
+def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
+    """Return `model` with the tensors saved by `save_trained` copied into it (names and shapes must match)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; write it with helpers.save_trained(model, path).")
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise ValueError(
+            f"{path} holds tensors that {type(model).__name__} lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
+            "Load it into the same model (and the same strategy wrapper, e.g. LoRA) it was saved from."
+        )
+    for name, tensor in state.items():
+        target = params[name]
+        if target.shape != tensor.shape:
+            raise ValueError(f"Tensor {name} has shape {tuple(tensor.shape)} in {path} but {tuple(target.shape)} in the model.")
+        target.copy_(tensor.to(target.device, target.dtype))
+    return model
+
+
+def save_full(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+    """Return the folder holding the full model (and tokenizer) written by save_pretrained, for export.
+
+    A peft-wrapped model saves only its adapter this way; merge it first (model.merge_and_unload()) to export it whole.
+    """
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
