@@ -43,6 +43,8 @@ from .strategies import (
     trainable_map,
 )
 from .training import TrainConfig, load_trained, save_full, save_trained, train
+from .lora import LORA_DEFAULTS, LORA_LR, lora_parameter_count, lora_target_modules, merge_lora
+from .unfreezing import UNFREEZING_DEFAULTS, GradualUnfreezing, unfreezing_stages
 
 __all__ = [
     "Corpus", "load_corpus", "make_blocks", "make_dataloader", "tokenize",
@@ -58,4 +60,6 @@ __all__ = [
     "STRATEGIES", "LayerMap", "StrategyInfo", "apply_strategy", "count_parameters", "count_tensors", "find_layers",
     "register_strategy", "trainable_map",
     "TrainConfig", "load_trained", "save_full", "save_trained", "train",
+    "LORA_DEFAULTS", "LORA_LR", "lora_parameter_count", "lora_target_modules", "merge_lora",
+    "UNFREEZING_DEFAULTS", "GradualUnfreezing", "unfreezing_stages",
 ]

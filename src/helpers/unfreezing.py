@@ -1,0 +1,113 @@
+"""Gradual unfreezing with discriminative learning rates (ULMFiT, Howard & Ruder 2018), as a training strategy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .strategies import StrategyInfo, find_layers, register_strategy
+
+UNFREEZING_DEFAULTS: dict = {"every": 5, "factor": 2.6}
+"""Default options: one more block every 5 optimizer steps; each lower block learns 2.6 times slower (ULMFiT's factor)."""
+
+
+def unfreezing_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """Return (label, parameters) top to bottom: head + final norm + top block first, then each lower block, then embeddings."""
+    layers = find_layers(model)
+    seen: set[int] = set()
+
+    def params(modules: list[nn.Module]) -> list[nn.Parameter]:
+        out = []
+        for module in modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    n = len(layers.blocks)
+    # With a tied head the token embedding is the head's weight, so it trains from the first step with the head.
+    top = [layers.head] + ([layers.final_norm] if layers.final_norm is not None else []) + [layers.blocks[n - 1]]
+    stages = [(f"head, final norm, block {n - 1}", params(top))]
+    stages += [(f"block {i}", params([layers.blocks[i]])) for i in range(n - 2, -1, -1)]
+    rest = params(layers.embeddings)
+    if rest:
+        stages.append(("embeddings", rest))
+    return stages
+
+
+@dataclass
+class GradualUnfreezing(StrategyInfo):
+    """StrategyInfo of gradual unfreezing: discriminative learning rates, and one more block unfrozen every `every` steps."""
+
+    every: int = UNFREEZING_DEFAULTS["every"]
+    factor: float = UNFREEZING_DEFAULTS["factor"]
+    steps_done: int = 0
+
+    def stages_unfrozen(self, step: int) -> int:
+        """Return how many stages (top first) train in the optimizer step that follows `step` completed steps."""
+        return 1 + step // self.every
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Return one optimizer group per stage, top first, at lr, lr/factor, lr/factor**2, ...
+
+        Every stage is in the optimizer from the start; AdamW skips a tensor whose gradient is None, so frozen
+        blocks cost nothing until they are unfrozen.
+        """
+        return [
+            {"params": params, "lr": lr / self.factor**depth, "name": label}
+            for depth, (label, params) in enumerate(unfreezing_stages(model))
+        ]
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        """Record that `step` optimizer steps are done; the next training forward pass unfreezes the stages now due."""
+        self.steps_done = step
+
+    def unfreeze(self, model: nn.Module) -> None:
+        """Set requires_grad on the stages due after `steps_done` steps (never freezes a stage again)."""
+        stages = unfreezing_stages(model)
+        for _, params in stages[: self.stages_unfrozen(self.steps_done)]:
+            for p in params:
+                p.requires_grad_(True)
+
+
+def _unfreeze_before_forward(module: nn.Module, args) -> None:
+    info = getattr(module, "strategy_info", None)
+    # Only a training forward that builds a graph needs the flags; validation runs under no_grad in eval mode.
+    # Unfreezing here rather than in on_step keeps a block due after the last step out of the trainable count.
+    if isinstance(info, GradualUnfreezing) and module.training and torch.is_grad_enabled():
+        info.unfreeze(module)
+
+
+@register_strategy("gradual_unfreezing")
+def gradual_unfreezing(
+    model: nn.Module,
+    *,
+    every: int = UNFREEZING_DEFAULTS["every"],
+    factor: float = UNFREEZING_DEFAULTS["factor"],
+) -> tuple[nn.Module, StrategyInfo]:
+    """Return (the model with only the head, final norm and top block trainable, its GradualUnfreezing info)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every (optimizer steps between unfreezing two blocks) must be a positive int; got {every!r}.")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        raise ValueError(f"factor (learning-rate ratio between neighbouring blocks) must be a number >= 1; got {factor!r}.")
+    layers = find_layers(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    info = GradualUnfreezing(name="gradual_unfreezing", options={"every": every, "factor": factor}, every=every, factor=factor)
+    info.unfreeze(model)
+    if not getattr(model, "_gradual_unfreezing_hook", False):
+        model.register_forward_pre_hook(_unfreeze_before_forward)
+        model._gradual_unfreezing_hook = True
+    n = len(layers.blocks)
+    tied = (
+        " The head is tied to the token embedding, so the embedding trains from the first step, at the head's rate."
+        if layers.tied else " The untied embeddings are the last stage to unfreeze."
+    )
+    info.summary = (
+        f"Gradual unfreezing: training starts with the head, the final norm and block {n - 1}; every {every} optimizer "
+        f"steps the next lower block joins. Discriminative learning rates: each block below learns {factor:g} times "
+        f"slower than the one above." + tied
+    )
+    return model, info
