@@ -1,0 +1,287 @@
+"""Every strategy under one recipe: the comparison table, its figures, the report's table, and the `helpers-compare` command.
+
+Run `python -m helpers.compare --help` (or `helpers-compare --help`) for the command's options.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .data import Corpus, load_corpus
+from .experiment import RECIPE, load_results, recipe_config, run_experiment, save_result
+from .lora import LORA_LR
+from .models import default_model_name
+from .strategies import STRATEGIES
+
+ORDER = ["full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapter_layers", "lora", "gradual_unfreezing"]
+"""The strategies in the order the notebooks introduce them."""
+
+LEARNING_RATES: dict[str, float] = {"lora": LORA_LR}
+"""Learning rates that differ from RECIPE['lr']; the token budget, data, seed and schedule stay the same for all."""
+
+REPORT_BASELINE_PPL = 737_879.38
+"""The report's baseline perplexity of Qwen2-0.5B (its output head was randomly initialised)."""
+
+REPORT = pd.DataFrame(
+    [
+        ("freeze_lower_layers", 291, 81_680.74, 88.9),
+        ("freeze_embeddings", 291, 98_825.13, 86.6),
+        ("full_fine_tuning", 291, 195_018.19, 73.6),
+        ("adapter_layers", 0, 588_367.81, 20.3),
+    ],
+    columns=["strategy", "trainable (report)", "perplexity (report)", "improvement % (report)"],
+).set_index("strategy")
+"""The report's strategy table, as printed: its 'trainable params' are tensor counts, its perplexity is on one 8-token sequence."""
+
+
+def strategies() -> list[str]:
+    """Return every registered strategy name, the notebooks' order first."""
+    return [s for s in ORDER if s in STRATEGIES] + sorted(set(STRATEGIES) - set(ORDER))
+
+
+def learning_rate(strategy: str) -> float:
+    """Return the learning rate `strategy` trains with under the shared recipe."""
+    return LEARNING_RATES.get(strategy, RECIPE["lr"])
+
+
+def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None, steps: int | None = None,
+                 progress: bool = True, save: bool = False) -> dict:
+    """Return the result record of `strategy` trained with the shared recipe (optionally a different number of steps)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(strategies())}.")
+    overrides = {"lr": learning_rate(strategy), "progress": progress}
+    if steps is not None:
+        overrides["steps"] = steps
+        overrides["warmup_steps"] = min(RECIPE["warmup_steps"], steps)
+    return run_experiment(strategy, model_name=model_name, corpus=corpus, config=recipe_config(**overrides), save=save)
+
+
+def collect_results(names: list[str] | None = None, *, folder: str | Path | None = None, compute_missing: bool = True) -> dict[str, dict]:
+    """Return {strategy: result} read from results/*.json, running (and saving) the strategies whose file is missing."""
+    names = names or strategies()
+    found = load_results(folder)
+    results: dict[str, dict] = {}
+    for name in names:
+        if name in found:
+            results[name] = found[name]
+        elif compute_missing:
+            results[name] = run_strategy(name, progress=True, save=False)
+            save_result(results[name], Path(folder) / f"{name}.json" if folder else None)
+            results[name]["computed_here"] = True
+    return results
+
+
+def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
+    """Return one row per strategy (plus the untrained baseline): trainable parameters, cost and perplexities."""
+    if not results:
+        raise ValueError("No results to compare: run at least one strategy (helpers.compare.run_strategy).")
+    baselines = {round(r["baseline_test_ppl"], 6) for r in results.values()}
+    if len(baselines) > 1:
+        raise ValueError(
+            f"The results disagree on the baseline test perplexity ({sorted(baselines)}): they come from different "
+            "models or test texts and cannot share one table. Re-run them with the same model and corpus."
+        )
+    first = next(iter(results.values()))
+    baseline = first["baseline_test_ppl"]
+    rows = [{
+        "strategy": "baseline (no training)", "trainable params": 0, "trainable %": 0.0,
+        "trainable tensors": 0, "lr": float("nan"), "train tokens": 0, "train s": float("nan"), "tokens/s": float("nan"),
+        "peak memory MB": float("nan"), "val ppl": float("nan"), "test ppl": baseline, "test / baseline": 1.0,
+        "change %": 0.0,
+    }]
+    for name, r in results.items():
+        rows.append({
+            "strategy": name,
+            "trainable params": int(r["trainable_params"]),
+            "trainable %": 100 * r["trainable_params"] / r["total_params"],
+            "trainable tensors": int(r["trainable_tensors"]),
+            "lr": (r.get("config") or {}).get("lr", float("nan")),
+            "train tokens": int(r.get("train_tokens") or 0),
+            "train s": r["train_seconds"],
+            "tokens/s": r["tokens_per_second"],
+            "peak memory MB": r["peak_memory_mb"],
+            "val ppl": r["val_ppl"],
+            "test ppl": r["test_ppl"],
+            "test / baseline": r["test_ppl"] / baseline,
+            "change %": 100 * (r["test_ppl"] / baseline - 1),
+        })
+    return pd.DataFrame(rows).set_index("strategy")
+
+
+def report_side_by_side(results: dict[str, dict]) -> pd.DataFrame:
+    """Return the report's four strategies beside ours: what it called trainable, its perplexity and improvement, and ours."""
+    ours = comparison_table(results)
+    table = REPORT.copy()
+    names = [n for n in table.index if n in ours.index]
+    table = table.loc[names]
+    table["trainable tensors (ours)"] = ours.loc[names, "trainable tensors"]
+    table["trainable params (ours)"] = ours.loc[names, "trainable params"]
+    table["test ppl (ours)"] = ours.loc[names, "test ppl"]
+    table["improvement % (ours)"] = -ours.loc[names, "change %"]
+    return table
+
+
+def markdown_table(table: pd.DataFrame, *, floatfmt: str = ",.2f") -> str:
+    """Return `table` as a GitHub Markdown table (index first), numbers right-aligned."""
+    frame = table.reset_index()
+
+    def cell(v) -> str:
+        if isinstance(v, bool) or v is None:
+            return str(v)
+        if isinstance(v, int) or (hasattr(v, "dtype") and "int" in str(v.dtype)):
+            return f"{int(v):,}"
+        if isinstance(v, float):
+            return "" if v != v else format(v, floatfmt)
+        return str(v)
+
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
+             "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: pd.DataFrame, out: str | Path, *, stem: str = "comparison") -> tuple[Path, Path]:
+    """Return the paths of the CSV and Markdown files `table` was written to inside folder `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
+    table.to_csv(csv_path)
+    md_path.write_text(markdown_table(table))
+    return csv_path, md_path
+
+
+def _figure(width: float = 6.5, height: float = 3.8) -> tuple[Figure, object]:
+    # A pyplot-free Figure: the notebook shows it once (when returned), and the widgets can redraw it in place.
+    fig = Figure(figsize=(width, height))
+    return fig, fig.add_subplot()
+
+
+def plot_loss_curves(results: dict[str, dict], *, column: str = "val_loss") -> Figure:
+    """Return one figure with the validation (or train) loss of every strategy against training tokens seen."""
+    fig, ax = _figure()
+    for i, (name, r) in enumerate(results.items()):
+        history = pd.DataFrame(r["history"]).dropna(subset=[column])
+        ax.plot(history["tokens"], history[column], "o-" if column == "val_loss" else "-", ms=3, color=f"C{i}", label=name)
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel(f"{'validation' if column == 'val_loss' else 'training'} loss (nats)")
+    ax.set_title("loss while training, every strategy (same data, seed, tokens)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_perplexity_bars(table: pd.DataFrame) -> Figure:
+    """Return a bar chart of test perplexity per row of `comparison_table`, the baseline's level drawn across."""
+    fig, ax = _figure()
+    ppl = table["test ppl"]
+    colors = ["#969696" if name.startswith("baseline") else "#2b8cbe" for name in ppl.index]
+    ax.bar(range(len(ppl)), ppl.values, color=colors)
+    ax.axhline(ppl.iloc[0], color="#636363", lw=1, ls="--")
+    for i, v in enumerate(ppl.values):
+        ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(ppl)), [n.replace("_", "\n") for n in ppl.index], fontsize=8)
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_title("held-out test perplexity after the same training budget")
+    fig.tight_layout()
+    return fig
+
+
+def plot_params_vs_perplexity(table: pd.DataFrame) -> Figure:
+    """Return a scatter of trainable parameters (log scale) against test perplexity, one labelled point per strategy."""
+    fig, ax = _figure()
+    trained = table[table["trainable params"] > 0]
+    ax.scatter(trained["trainable params"], trained["test ppl"], color="#2b8cbe")
+    for name, row in trained.iterrows():
+        ax.annotate(name, (row["trainable params"], row["test ppl"]), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.axhline(table["test ppl"].iloc[0], color="#636363", lw=1, ls="--", label="baseline (no training)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("what each strategy trains against what it gains")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def run_comparison(names: list[str] | None = None, *, steps: int | None = None, model_name: str | None = None,
+                   corpus: str | Path | None = None, out: str | Path = "comparison", progress: bool = True) -> pd.DataFrame:
+    """Return the comparison table of `names` (default: all strategies), writing CSV, Markdown and per-strategy JSON to `out`."""
+    from tqdm.auto import tqdm
+
+    names = names or strategies()
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"Unknown strategies {unknown}. Valid strategies: {', '.join(strategies())}.")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be at least 1; got {steps}.")
+    texts = load_corpus(corpus)
+    out = Path(out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    bar = tqdm(names, desc="strategies", unit="strategy", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        results[name] = run_strategy(name, model_name=model_name, corpus=texts, steps=steps, progress=progress)
+        save_result(results[name], out / "results" / f"{name}.json")
+    table = comparison_table(results)
+    write_table(table, out)
+    return table
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.compare",
+        description=(
+            "Fine-tune one model with several transfer-learning strategies under the same recipe (data, seed, "
+            "token budget) and write the comparison table as CSV and Markdown: trainable parameters, training "
+            "time, tokens/s, peak memory, validation and test perplexity, change against the untrained baseline."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--strategies", nargs="+", metavar="NAME", default=None,
+                        help=f"strategies to compare, space-separated; choose from: {', '.join(strategies())} "
+                             "(default: all of them)")
+    parser.add_argument("--steps", type=int, default=RECIPE["steps"],
+                        help=f"optimizer steps per strategy, each of {RECIPE['batch_size']} blocks of "
+                             f"{RECIPE['block_size']} tokens (the same for every strategy)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help=f"model: a local folder written by save_pretrained, a .gguf file, or a Hub id "
+                             f"(default: $TUTORIAL_MODEL or {default_model_name()})")
+    parser.add_argument("--corpus", default=None, metavar="PATH",
+                        help="folder of .txt/.md documents, split by document into train/validation/test "
+                             "(default: the bundled Rust corpus)")
+    parser.add_argument("--out", default="comparison", metavar="DIR",
+                        help="folder for comparison.csv, comparison.md and results/<strategy>.json")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (for logs and scripts)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `helpers-compare`; return the exit status (0 on success)."""
+    args = _parser().parse_args(argv)
+    matplotlib.use("Agg")  # no figures here, but a headless machine must never try to open a window
+    from .models import quiet_transformers
+
+    quiet_transformers()
+    start = time.perf_counter()
+    try:
+        table = run_comparison(args.strategies, steps=args.steps, model_name=args.model, corpus=args.corpus,
+                               out=args.out, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"helpers-compare: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print(markdown_table(table[["trainable params", "trainable %", "train s", "val ppl", "test ppl", "change %"]]))
+    print(f"Wrote {out / 'comparison.csv'} and {out / 'comparison.md'} in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

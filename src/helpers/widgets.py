@@ -1,0 +1,188 @@
+"""Two ipywidgets panels, a strategy explorer and a live training run, with static fallbacks for non-interactive runs.
+
+In JupyterLab (or any frontend that can answer input()) the functions return live widgets. Under nbval, nbclient,
+a plain Python process, or without ipywidgets, they return static output instead: a table, one figure.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .models import load_config, meta_model
+from .strategies import STRATEGIES, apply_strategy, count_parameters, trainable_map
+
+WIDGETS_ENV = "TUTORIAL_WIDGETS"
+"""Environment variable forcing the widgets on ('live') or off ('static'); unset means detect."""
+
+
+def widgets_available() -> bool:
+    """Return True when live widgets can be shown: ipywidgets imports and a frontend that can answer us is attached."""
+    forced = os.environ.get(WIDGETS_ENV, "").lower()
+    if forced in ("static", "live"):
+        return forced == "live"
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None:
+        return False  # plain Python or a terminal IPython: no frontend to draw a widget
+    # nbclient and nbval execute with allow_stdin=False; JupyterLab, Notebook and VS Code allow input(), and any
+    # frontend that can answer an input() prompt also runs the widget manager.
+    return bool(getattr(kernel, "_allow_stdin", False))
+
+
+def _options(name: str) -> dict[str, inspect.Parameter]:
+    params = list(inspect.signature(STRATEGIES[name]).parameters.values())[1:]
+    return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def explore(name: str, config=None, **options) -> tuple[pd.DataFrame, dict]:
+    """Return (trainable map, counts) of strategy `name` with `options` applied to a weightless copy of the model."""
+    model = apply_strategy(meta_model(config or load_config()), name, **options)
+    trainable, total = count_parameters(model)
+    return trainable_map(model), {"strategy": name, "trainable": trainable, "total": total,
+                                  "percent": round(100 * trainable / total, 2), "summary": model.strategy_info.summary}
+
+
+def strategy_counts(config=None, names: list[str] | None = None) -> pd.DataFrame:
+    """Return trainable and total parameters of every strategy with its default options (the explorer's static form)."""
+    rows = []
+    for name in names or list(STRATEGIES):
+        _, counts = explore(name, config)
+        rows.append({k: counts[k] for k in ("strategy", "trainable", "total", "percent")})
+    return pd.DataFrame(rows).set_index("strategy")
+
+
+def _control(param: inspect.Parameter):
+    import ipywidgets as w
+
+    value, style = param.default, {"description_width": "initial"}
+    if isinstance(value, bool):
+        return w.Checkbox(value=value, description=param.name)
+    if isinstance(value, int):
+        return w.BoundedIntText(value=value, min=0, max=4096, description=param.name, style=style)
+    if isinstance(value, float):
+        return w.FloatText(value=value, description=param.name, style=style)
+    return None  # options without a simple default (e.g. LoRA targets) keep their default
+
+
+def strategy_explorer(config=None, *, interactive: bool | None = None):
+    """Return a widget to pick a strategy and its options, showing its trainable map and counts (static: a count table)."""
+    config = config or load_config()
+    if not (widgets_available() if interactive is None else interactive):
+        return strategy_counts(config)
+
+    import ipywidgets as w
+    from IPython.display import display
+
+    from .plotting import plot_trainable_map
+
+    choice = w.Dropdown(options=list(STRATEGIES), value=next(iter(STRATEGIES)), description="strategy")
+    controls_box, output = w.HBox(), w.Output()
+    controls: dict[str, object] = {}
+
+    def refresh(*_):
+        values = {k: c.value for k, c in controls.items()}
+        with output:
+            output.clear_output(wait=True)
+            try:
+                table, counts = explore(choice.value, config, **values)
+            except ValueError as err:  # e.g. n_top larger than the model's blocks: show the message, keep the panel
+                print(err)
+                return
+            print(f"{counts['trainable']:,} of {counts['total']:,} parameters trainable ({counts['percent']}%)")
+            print(counts["summary"])
+            fig = Figure(figsize=(6.5, max(2.5, 0.22 * len(table) + 1)))
+            plot_trainable_map(table, ax=fig.add_subplot())
+            display(fig)
+
+    def rebuild(*_):
+        controls.clear()
+        for name, param in _options(choice.value).items():
+            control = _control(param)
+            if control is not None:
+                control.observe(refresh, names="value")
+                controls[name] = control
+        controls_box.children = tuple(controls.values())
+        refresh()
+
+    choice.observe(rebuild, names="value")
+    rebuild()
+    return w.VBox([choice, controls_box, output])
+
+
+def _loss_figure(histories: dict[str, pd.DataFrame], title: str) -> Figure:
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.add_subplot()
+    for i, (name, frame) in enumerate(histories.items()):
+        trained = frame.dropna(subset=["train_loss"])
+        ax.plot(trained["tokens"], trained["train_loss"], color=f"C{i}", alpha=0.7, label=f"{name} train")
+        checked = frame.dropna(subset=["val_loss"])
+        ax.plot(checked["tokens"], checked["val_loss"], "o--", color=f"C{i}", ms=4, label=f"{name} validation")
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    if histories:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def training_panel(results: dict[str, dict] | None = None, *, model_name: str | None = None, corpus=None,
+                   interactive: bool | None = None):
+    """Return a widget that trains a strategy for a few steps and redraws its loss as it goes (static: saved curves)."""
+    if not (widgets_available() if interactive is None else interactive):
+        from .experiment import load_results
+
+        results = results if results is not None else load_results()
+        histories = {name: pd.DataFrame(r["history"]) for name, r in results.items()}
+        return _loss_figure(histories, "saved runs (static view: the live panel needs JupyterLab)")
+
+    import ipywidgets as w
+    from IPython.display import display
+
+    from .experiment import recipe_config, recipe_data
+    from .compare import learning_rate
+    from .models import load_model
+
+    choice = w.Dropdown(options=list(STRATEGIES), value="lora" if "lora" in STRATEGIES else next(iter(STRATEGIES)),
+                        description="strategy")
+    steps = w.IntSlider(value=10, min=2, max=50, description="steps")
+    button = w.Button(description="Train", button_style="primary", icon="play")
+    status, output = w.Label(), w.Output()
+
+    def run(_):
+        button.disabled = True
+        rows: list[dict] = []
+        try:
+            status.value = "loading the model ..."
+            model, tokenizer = load_model(model_name)
+            train_data, val_data = recipe_data(tokenizer, corpus)
+            model = apply_strategy(model, choice.value)
+            config = recipe_config(steps=steps.value, warmup_steps=min(3, steps.value), eval_every=max(1, steps.value // 5),
+                                   lr=learning_rate(choice.value), progress=False)
+
+            def draw(row: dict) -> None:
+                rows.append(row)
+                status.value = f"step {row['step']}/{steps.value}: train loss {row['train_loss']:.3f}"
+                with output:
+                    output.clear_output(wait=True)
+                    display(_loss_figure({choice.value: pd.DataFrame(rows)}, f"{choice.value}, live"))
+
+            from .training import train
+
+            history = train(model, train_data, val_data, config, callback=draw)
+            status.value = f"done: validation loss {history['val_loss'].dropna().iloc[-1]:.3f} after {steps.value} steps"
+        except Exception as err:  # show the error in the panel; the notebook keeps running
+            status.value = f"error: {err}"
+        finally:
+            button.disabled = False
+
+    button.on_click(run)
+    return w.VBox([w.HBox([choice, steps, button]), status, output])

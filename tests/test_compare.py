@@ -1,0 +1,118 @@
+"""The comparison table, the `helpers.compare` command on a tiny local model, and the widgets' static fallbacks."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from helpers import count_parameters, meta_model
+from helpers.compare import comparison_table, main, markdown_table, report_side_by_side, strategies
+from helpers.widgets import strategy_counts, strategy_explorer, training_panel, widgets_available
+
+from conftest import tiny_config, tiny_model
+
+DOC = (
+    "Ownership in Rust means every value has one owner; when the owner goes out of scope the value is dropped. "
+    "Borrowing lends a reference without moving the value, and the borrow checker makes sure it never dangles. "
+)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, tokenizer, monkeypatch):
+    """A tiny Llama saved with the tiny tokenizer, and a corpus folder of a few Markdown documents."""
+    monkeypatch.setenv("TUTORIAL_CACHE", str(tmp_path / "cache"))
+    model_dir, corpus = tmp_path / "model", tmp_path / "corpus"
+    tiny_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"doc{i}.md").write_text(f"# Note {i}\n\n" + DOC * 4)
+    return model_dir, corpus
+
+
+def _fake(name, trainable, test_ppl, baseline=20.0, total=1000):
+    history = [{"step": 0, "tokens": 0, "train_loss": None, "val_loss": 3.0}, {"step": 1, "tokens": 512, "train_loss": 2.9, "val_loss": 2.8}]
+    return {"strategy": name, "trainable_params": trainable, "total_params": total, "trainable_tensors": 3,
+            "baseline_test_ppl": baseline, "val_ppl": test_ppl + 1, "test_ppl": test_ppl, "train_seconds": 2.0,
+            "train_tokens": 512, "tokens_per_second": 256.0, "peak_memory_mb": 100.0, "config": {"lr": 1e-4},
+            "history": history}
+
+
+def test_table_has_baseline_row_and_relative_change():
+    table = comparison_table({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0), "lora": _fake("lora", 40, 11.0)})
+    assert list(table.index) == ["baseline (no training)", "full_fine_tuning", "lora"]
+    assert table.loc["lora", "trainable %"] == pytest.approx(4.0)
+    assert table.loc["full_fine_tuning", "test / baseline"] == pytest.approx(0.5)
+    assert table.loc["lora", "change %"] == pytest.approx(-45.0)
+    side = report_side_by_side({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0)})
+    assert list(side.index) == ["full_fine_tuning"] and side.loc["full_fine_tuning", "improvement % (ours)"] == pytest.approx(50.0)
+
+
+def test_table_refuses_results_from_different_baselines():
+    with pytest.raises(ValueError, match="baseline"):
+        comparison_table({"a": _fake("a", 1, 5.0, baseline=20.0), "b": _fake("b", 1, 5.0, baseline=30.0)})
+
+
+def test_markdown_table_shape():
+    md = markdown_table(pd.DataFrame({"n": [1234, 5], "ppl": [1.5, float("nan")]}, index=pd.Index(["a", "b"], name="s")))
+    lines = md.strip().splitlines()
+    assert lines[0] == "| s | n | ppl |" and lines[1] == "|:---|---:|---:|"
+    assert lines[2] == "| a | 1,234 | 1.50 |" and lines[3] == "| b | 5 |  |"
+
+
+def test_command_on_tiny_model_writes_csv_and_markdown(tiny_setup, tmp_path, capsys):
+    model_dir, corpus = tiny_setup
+    out = tmp_path / "out"
+    status = main(["--strategies", "lora", "gradual_unfreezing", "--steps", "2", "--model", str(model_dir),
+                   "--corpus", str(corpus), "--out", str(out), "--no-progress"])
+    assert status == 0
+    table = pd.read_csv(out / "comparison.csv", index_col=0)
+    assert list(table.index) == ["baseline (no training)", "lora", "gradual_unfreezing"]
+    assert table.loc["lora", "train tokens"] == 2 * 4 * 128
+    assert (table["test ppl"] > 1).all() and table.loc["lora", "trainable params"] > 0
+    md = (out / "comparison.md").read_text()
+    assert "| lora |" in md and "| gradual_unfreezing |" in md
+    assert (out / "results" / "lora.json").is_file()
+    assert "comparison.csv" in capsys.readouterr().out
+
+
+def test_command_rejects_unknown_strategy(tiny_setup, tmp_path, capsys):
+    model_dir, corpus = tiny_setup
+    status = main(["--strategies", "nope", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(tmp_path / "o")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "Unknown strategies ['nope']" in err and "lora" in err
+
+
+def test_help_documents_every_option():
+    done = subprocess.run([sys.executable, "-m", "helpers.compare", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for option in ("--strategies", "--steps", "--model", "--corpus", "--out", "--no-progress"):
+        assert option in done.stdout
+    for name in strategies():
+        assert name in done.stdout
+
+
+def test_widgets_fall_back_to_static_output_outside_a_frontend():
+    assert widgets_available() is False
+    config = tiny_config("qwen2")
+    table = strategy_explorer(config)
+    assert isinstance(table, pd.DataFrame) and set(strategies()) <= set(table.index)
+    full = count_parameters(meta_model(config))[1]
+    assert table.loc["full_fine_tuning", "trainable"] == table.loc["full_fine_tuning", "total"] == full
+    assert 0 < table.loc["lora", "trainable"] < full
+    assert table.equals(strategy_counts(config))
+    figure = training_panel({"lora": _fake("lora", 40, 11.0)}, interactive=False)
+    assert isinstance(figure, Figure) and figure.axes[0].lines
+
+
+def test_live_explorer_builds_and_follows_the_dropdown():
+    ipywidgets = pytest.importorskip("ipywidgets")
+    panel = strategy_explorer(tiny_config("llama"), interactive=True)
+    assert isinstance(panel, ipywidgets.VBox)
+    choice, controls, _ = panel.children
+    choice.value = "adapter_layers"
+    assert [c.description for c in controls.children] == ["n_top"]
+    choice.value = "lora"
+    assert [c.description for c in controls.children] == ["r", "alpha", "dropout"]
