@@ -61,6 +61,8 @@ def find_layers(model: nn.Module) -> LayerMap:
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
+    if getattr(config, "is_encoder_decoder", False):
+        raise _cannot(base, "it is an encoder-decoder model, with two stacks of blocks")
     n_blocks = getattr(config, "num_hidden_layers", None)
     if not isinstance(n_blocks, int) or n_blocks < 1:
         raise _cannot(base, "it has no config.num_hidden_layers")

@@ -60,8 +60,9 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     """Return the multiplier of the base learning rate at optimizer step `step` (1-based): linear warmup, cosine decay."""
     if config.warmup_steps and step <= config.warmup_steps:
         return step / config.warmup_steps
-    span = max(config.steps - config.warmup_steps, 1)
-    progress = min((step - config.warmup_steps) / span, 1.0)
+    # The first step after warmup runs at the full rate and the last at min_lr_ratio x the rate.
+    span = max(config.steps - config.warmup_steps - 1, 1)
+    progress = min(max(step - config.warmup_steps - 1, 0) / span, 1.0)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
