@@ -91,7 +91,7 @@ def baseline_perplexity(model: nn.Module, tokenizer, texts: list[str], *, cache:
     return ppl
 
 
-def evaluate(model: nn.Module, tokenizer, corpus: Corpus) -> dict[str, float]:
+def evaluate_splits(model: nn.Module, tokenizer, corpus: Corpus) -> dict[str, float]:
     """Return the full validation and test perplexity of `model` (RECIPE eval window)."""
     size = RECIPE["eval_block_size"]
     return {
@@ -166,7 +166,7 @@ def run_experiment(strategy: str, *, model_name: str | None = None, corpus: Corp
     model = apply_strategy(model, strategy, **options)
     history = train(model, train_data, val_data, config or recipe_config())
     result = make_result(
-        model, history, strategy=strategy, baseline_test_ppl=baseline, evaluation=evaluate(model, tokenizer, corpus),
+        model, history, strategy=strategy, baseline_test_ppl=baseline, evaluation=evaluate_splits(model, tokenizer, corpus),
         generation_before=before, generation_after=complete(model, tokenizer, prompt), prompt=prompt,
         model_name=model_name,
     )

@@ -310,3 +310,33 @@ def trainable_map(model: nn.Module) -> pd.DataFrame:
         rows.append({"part": "other", "parameters": sum(p.numel() for p in rest),
                      "trainable": sum(p.numel() for p in rest if p.requires_grad), "note": "outside the mapped parts"})
     return pd.DataFrame(rows).set_index("part")
+
+
+BASE_STRATEGIES = ("full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapter_layers")
+"""The four strategies of the report, in its order of presentation."""
+
+
+def strategy_counts(model: nn.Module, names: tuple[str, ...] = BASE_STRATEGIES) -> pd.DataFrame:
+    """Return, per strategy, trainable and total tensors and parameters of `model` (it is left with the last strategy)."""
+    rows = []
+    for name in names:
+        apply_strategy(model, name)
+        (t_tensors, n_tensors), (t_params, n_params) = count_tensors(model), count_parameters(model)
+        rows.append({"strategy": name, "trainable tensors": t_tensors, "tensors": n_tensors,
+                     "trainable parameters": t_params, "parameters": n_params})
+    return pd.DataFrame(rows).set_index("strategy")
+
+
+def describe_layers(model: nn.Module) -> dict[str, object]:
+    """Return where find_layers found each part of `model`: module paths, block count, norm class, tied head."""
+    layers = find_layers(model)
+    base = unwrap(model)
+    names = {id(m): n for n, m in base.named_modules()}
+    return {
+        "model": type(base).__name__,
+        "embeddings": ", ".join(names[id(m)] for m in layers.embeddings),
+        "blocks": f"{names[id(layers.blocks)]} [{len(layers.blocks)} x {type(layers.blocks[0]).__name__}]",
+        "final norm": f"{names[id(layers.final_norm)]} ({type(layers.final_norm).__name__})" if layers.final_norm is not None else "none",
+        "head": names[id(layers.head)],
+        "tied": layers.tied,
+    }

@@ -384,3 +384,14 @@ def save_full(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return {name: copy} of every frozen parameter, to check after training that none moved."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def changed_tensors(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> list[str]:
+    """Return the names of parameters that differ (even by one bit) from `snapshot`."""
+    params = dict(model.named_parameters())
+    return [n for n, t in snapshot.items() if not torch.equal(params[n].detach(), t)]
