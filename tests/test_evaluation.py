@@ -99,3 +99,12 @@ def test_with_random_head_unties_and_leaves_the_original_alone(model):
 def test_a_head_of_zeros_guesses_uniformly_and_scores_exactly_the_vocabulary_size(model, tokenizer, text):
     uniform = helpers.with_random_head(model, std=0.0)
     assert helpers.perplexity(uniform, tokenizer, text, block_size=32) == pytest.approx(model.config.vocab_size, rel=1e-5)
+
+
+def test_window_perplexities_are_the_per_window_parts_of_the_total(model, tokenizer, text):
+    snippet = text[: 8 * 12 - 1]  # one token per character, plus EOS: exactly 12 windows of 8
+    ids = helpers.tokenize(tokenizer, snippet)
+    per_window = helpers.window_perplexities(model, tokenizer, snippet, block_size=8, batch_size=5)
+    nll, n = helpers.token_nll(model, ids, block_size=8)
+    assert per_window.numel() == 12 and n == 7 * 12
+    assert (per_window.log() * 7).sum().item() == pytest.approx(nll, rel=1e-5)

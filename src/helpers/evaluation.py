@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .data import tokenize
+from .data import make_blocks, tokenize
 
 
 def windows(n_tokens: int, block_size: int, stride: int | None = None) -> list[tuple[int, int, int]]:
@@ -87,6 +87,30 @@ def perplexity(
     """Return exp of the token-weighted mean negative log-likelihood of `texts` under `model`."""
     nll, n = token_nll(model, tokenize(tokenizer, texts), block_size=block_size, stride=stride, batch_size=batch_size, progress=progress)
     return math.exp(nll / n)
+
+
+@torch.no_grad()
+def window_perplexities(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: str | list[str],
+    *,
+    block_size: int = 8,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Return the perplexity of every non-overlapping `block_size`-token window of `texts`, one value per window."""
+    blocks = make_blocks(tokenize(tokenizer, texts), block_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    values = []
+    for x in blocks.split(batch_size):
+        x = x.to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+        values.append(nll.mean(dim=1).exp().cpu())
+    model.train(was_training)
+    return torch.cat(values)
 
 
 @torch.no_grad()
