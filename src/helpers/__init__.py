@@ -59,6 +59,25 @@ from .training import (
 )
 from .lora import LORA_DEFAULTS, LORA_LR, lora_parameter_count, lora_target_modules, merge_lora
 from .unfreezing import UNFREEZING_DEFAULTS, GradualUnfreezing, unfreezing_stages
+from .kv_cache import (
+    StatefulLM,
+    cache_growth,
+    cache_nbytes,
+    cache_table,
+    fill_cache,
+    generation_speed,
+    greedy_generate,
+    kv_bytes_per_token,
+    kv_geometry,
+    logits_frozen_position,
+    logits_full_sequence,
+    logits_stale_cache,
+    logits_token_by_token,
+    next_token_perplexity,
+    plot_timing,
+    time_forward_backward,
+    timing_sweep,
+)
 
 __all__ = [
     "Corpus", "load_corpus", "make_blocks", "make_dataloader", "tokenize",
@@ -76,4 +95,7 @@ __all__ = [
     "TrainConfig", "load_trained", "save_full", "save_trained", "train", "changed_tensors", "frozen_snapshot",
     "LORA_DEFAULTS", "LORA_LR", "lora_parameter_count", "lora_target_modules", "merge_lora",
     "UNFREEZING_DEFAULTS", "GradualUnfreezing", "unfreezing_stages",
+    "StatefulLM", "cache_growth", "cache_nbytes", "cache_table", "fill_cache", "generation_speed", "greedy_generate",
+    "kv_bytes_per_token", "kv_geometry", "logits_frozen_position", "logits_full_sequence", "logits_stale_cache",
+    "logits_token_by_token", "next_token_perplexity", "plot_timing", "time_forward_backward", "timing_sweep",
 ]

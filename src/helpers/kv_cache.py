@@ -1,0 +1,343 @@
+"""The KV cache: what it holds, the report's token-by-token "fix" and its cost, and where a cache belongs."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+
+from .device import synchronize
+
+MODES = ("full", "token_by_token")
+"""The two ways of getting every position's logits: one forward over the sequence, or one forward per token."""
+
+
+def _device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_inputs(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Return `input_ids` on the model's device after checking it is a [batch, seq] tensor for a decoder-only LM."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise TypeError(
+            f"{type(model).__name__} is an encoder-decoder model; these helpers take decoder-only causal LMs "
+            "(GPT-2, Qwen2, Llama, ...) loaded with AutoModelForCausalLM."
+        )
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(
+            f"input_ids must be a non-empty [batch, seq] tensor of token ids; got {shape}. "
+            "Add the batch dimension with ids[None] (or ids.unsqueeze(0))."
+        )
+    return input_ids.to(_device(model))
+
+
+def _positions(batch: int, begin: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(begin, begin + length, device=device).expand(batch, length)
+
+
+# --- the two ways of computing logits -------------------------------------------------------------------------
+
+
+def logits_full_sequence(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return [batch, seq, vocab] logits from one causal forward over the whole sequence, without a cache."""
+    input_ids = _check_inputs(model, input_ids)
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def logits_token_by_token(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Return [batch, seq, vocab] logits the report's way: a fresh cache, one forward per token at its position."""
+    input_ids = _check_inputs(model, input_ids)
+    batch, seq = input_ids.shape
+    cache = DynamicCache(config=model.config)
+    steps = []
+    for pos in range(seq):
+        out = model(
+            input_ids=input_ids[:, pos : pos + 1],
+            position_ids=_positions(batch, pos, 1, input_ids.device),
+            cache=cache,
+            use_cache=True,
+        )
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
+# --- what the cache holds -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fill_cache(model: PreTrainedModel, input_ids: torch.Tensor) -> DynamicCache:
+    """Return a fresh DynamicCache holding the keys and values of `input_ids` (one full-sequence prefill)."""
+    input_ids = _check_inputs(model, input_ids)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=input_ids, cache=cache, use_cache=True)
+    return cache
+
+
+def cache_nbytes(cache: DynamicCache) -> int:
+    """Return the bytes held by every key and value tensor of `cache`."""
+    return sum(t.nelement() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def cache_table(cache: DynamicCache) -> pd.DataFrame:
+    """Return one row per layer of `cache`: the keys' and values' shapes [batch, kv heads, tokens, head dim] and bytes."""
+    rows = []
+    for i, layer in enumerate(cache.layers):
+        rows.append({
+            "layer": i,
+            "keys": list(layer.keys.shape),
+            "values": list(layer.values.shape),
+            "bytes": layer.keys.nelement() * layer.keys.element_size() + layer.values.nelement() * layer.values.element_size(),
+        })
+    return pd.DataFrame(rows).set_index("layer")
+
+
+def kv_geometry(config: PretrainedConfig) -> dict[str, int]:
+    """Return the numbers that size a KV cache: layers, key/value heads and head dimension of `config`."""
+    config = config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"layers": config.num_hidden_layers, "query heads": heads, "kv heads": kv_heads, "head dim": head_dim}
+
+
+def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Return the cache bytes one token adds: 2 (keys and values) x layers x kv heads x head dim x element size."""
+    g = kv_geometry(config)
+    return 2 * g["layers"] * g["kv heads"] * g["head dim"] * torch.empty((), dtype=dtype).element_size()
+
+
+def cache_growth(model: PreTrainedModel, lengths: list[int], *, batch: int = 1) -> pd.DataFrame:
+    """Return, per sequence length, the measured cache bytes of a prefill and the formula's bytes."""
+    dtype = next(model.parameters()).dtype
+    per_token = kv_bytes_per_token(model.config, dtype)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(model.config.get_text_config(decoder=True).vocab_size, (batch, n), generator=generator)
+        measured = cache_nbytes(fill_cache(model, ids))
+        rows.append({"tokens": n, "measured bytes": measured, "formula bytes": batch * n * per_token, "MiB": round(measured / 2**20, 2)})
+    return pd.DataFrame(rows).set_index("tokens")
+
+
+# --- the report's bug, reproduced --------------------------------------------------------------------------------
+
+
+class StatefulLM:
+    """A causal LM that keeps its KV cache between calls, as the candle Qwen2 model of the report does.
+
+    `forward(input_ids, seqlen_offset)` follows candle's contract: the new tokens get positions
+    seqlen_offset, seqlen_offset + 1, ...; for more than one token it builds a causal mask of shape
+    [batch, 1, new, seqlen_offset + new] from the offset the caller gives, not from what the cache holds;
+    keys and values are appended to the cache until `clear_kv_cache()`.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.last_mask_shape: list[int] | None = None
+
+    def clear_kv_cache(self) -> None:
+        """Forget every cached key and value."""
+        self.cache = DynamicCache(config=self.model.config)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Return how many tokens' keys and values the cache holds."""
+        return self.cache.get_seq_length()
+
+    def forward(self, input_ids: torch.Tensor, seqlen_offset: int) -> torch.Tensor:
+        """Return [batch, new, vocab] logits of the new tokens, attending to whatever the cache holds."""
+        input_ids = _check_inputs(self.model, input_ids)
+        batch, new = input_ids.shape
+        mask = None
+        if new > 1:
+            dtype = next(self.model.parameters()).dtype
+            blocked = torch.ones(new, seqlen_offset + new, dtype=torch.bool, device=input_ids.device).triu(seqlen_offset + 1)
+            mask = torch.zeros(blocked.shape, dtype=dtype, device=input_ids.device).masked_fill(blocked, torch.finfo(dtype).min)
+            mask = mask.expand(batch, 1, *blocked.shape)
+            self.last_mask_shape = list(mask.shape)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=_positions(batch, seqlen_offset, new, input_ids.device),
+            cache=self.cache,
+            use_cache=True,
+        )
+        return out.logits
+
+    __call__ = forward
+
+
+def logits_stale_cache(model: PreTrainedModel, input_ids: torch.Tensor, previous_ids: torch.Tensor) -> torch.Tensor:
+    """Return [batch, seq, vocab] logits of `input_ids` computed with the cache of `previous_ids` never cleared.
+
+    The new tokens restart at position 0, as the report's `forward(&token, pos)` does, but attend to the
+    previous sequence's keys as well: the same numbers as feeding them one by one to a StatefulLM that
+    was not cleared, in a single forward.
+    """
+    input_ids = _check_inputs(model, input_ids)
+    if previous_ids.ndim != 2 or previous_ids.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"previous_ids must be [batch, seq] with the batch size of input_ids ({input_ids.shape[0]}); "
+            f"got {list(previous_ids.shape)}."
+        )
+    cache = fill_cache(model, previous_ids)
+    batch, seq = input_ids.shape
+    return model(input_ids=input_ids, position_ids=_positions(batch, 0, seq, input_ids.device), cache=cache, use_cache=True).logits
+
+
+def logits_frozen_position(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Return [batch, seq, vocab] logits token by token with a fresh cache but every token at position 0.
+
+    This is the report's loop with `pos` never advanced, computed in one forward (the cache makes the mask
+    causal, the position ids are all zero).
+    """
+    input_ids = _check_inputs(model, input_ids)
+    batch, seq = input_ids.shape
+    position_ids = torch.zeros(batch, seq, dtype=torch.long, device=input_ids.device)
+    # An empty cache, not None: without one, transformers reads all-zero positions as packed one-token sequences.
+    return model(input_ids=input_ids, position_ids=position_ids, cache=DynamicCache(config=model.config), use_cache=True).logits
+
+
+def next_token_perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Return exp of the mean next-token NLL when `logits[:, t]` predicts `input_ids[:, t + 1]`."""
+    if logits.shape[:2] != input_ids.shape or input_ids.shape[1] < 2:
+        raise ValueError(f"logits {list(logits.shape)} and input_ids {list(input_ids.shape)} must share [batch, seq >= 2].")
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device))
+    return float(torch.exp(nll))
+
+
+# --- the cost of the report's fix for training ---------------------------------------------------------------
+
+
+def _logits(model: PreTrainedModel, input_ids: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "full":
+        return logits_full_sequence(model, input_ids)
+    if mode == "token_by_token":
+        return logits_token_by_token(model, input_ids)
+    raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
+
+
+def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode: str, *, repeats: int = 1) -> float:
+    """Return the median seconds of one training step's forward + backward (next-token loss) in `mode`."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("The model has no trainable parameters, so there is no backward pass to time; set requires_grad.")
+    input_ids = _check_inputs(model, input_ids)
+    device = _device(model)
+    was_training = model.training
+    model.train()
+    times = []
+    try:
+        for _ in range(repeats):
+            model.zero_grad(set_to_none=True)
+            synchronize(device)
+            start = time.perf_counter()
+            logits = _logits(model, input_ids, mode)
+            F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()).backward()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return statistics.median(times)
+
+
+def timing_sweep(
+    model: PreTrainedModel,
+    lengths: list[int] = (16, 32, 64, 128, 256),
+    *,
+    repeats: int = 3,
+    token_repeats: int = 1,
+    batch: int = 1,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Return seconds of forward + backward per sequence length for both modes and their ratio (token by token / full)."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    generator = torch.Generator().manual_seed(0)
+    # The first passes pay for allocations and kernel selection; keep them out of the table.
+    time_forward_backward(model, torch.randint(vocab, (batch, min(lengths)), generator=generator), "full")
+    time_forward_backward(model, torch.randint(vocab, (batch, 4), generator=generator), "token_by_token")
+    rows = []
+    for n in tqdm(list(lengths), desc="T", disable=not progress, leave=False):
+        ids = torch.randint(vocab, (batch, n), generator=generator)
+        full = time_forward_backward(model, ids, "full", repeats=repeats)
+        token = time_forward_backward(model, ids, "token_by_token", repeats=token_repeats)
+        rows.append({"T": n, "full (s)": full, "token by token (s)": token, "ratio": token / full})
+    return pd.DataFrame(rows).set_index("T")
+
+
+def plot_timing(table: pd.DataFrame) -> Figure:
+    """Return a figure of forward + backward seconds against T for both modes, and their ratio against T."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(table.index, table["full (s)"], "o-", label="full sequence (one forward)")
+    left.plot(table.index, table["token by token (s)"], "s-", label="token by token (T forwards)")
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xlabel("sequence length T (tokens)")
+    left.set_ylabel("forward + backward (s)")
+    left.set_xticks(list(table.index), [str(t) for t in table.index])
+    left.legend(fontsize=8)
+    right.plot(table.index, table["ratio"], "o-", color="C3")
+    right.set_xscale("log", base=2)
+    right.set_xticks(list(table.index), [str(t) for t in table.index])
+    right.set_xlabel("sequence length T (tokens)")
+    right.set_ylabel("token by token / full sequence")
+    right.axhline(1, color="grey", lw=0.8)
+    fig.tight_layout()
+    return fig
+
+
+# --- where the cache belongs: generation -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *, use_cache: bool) -> tuple[torch.Tensor, float]:
+    """Return (prompt + exactly `new_tokens` greedy ids, seconds taken), with or without the KV cache."""
+    input_ids = _check_inputs(model, input_ids)
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be at least 1; got {new_tokens}.")
+    eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    device = _device(model)
+    synchronize(device)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,  # EOS must not end one run earlier than the other
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=pad,
+    )
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def generation_speed(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int = 200) -> dict[str, object]:
+    """Return greedy generation with and without the cache: ids of each, whether identical, tokens/s and speed-up."""
+    # One short run first, so neither timed run pays the first-call costs.
+    greedy_generate(model, input_ids, 2, use_cache=True)
+    cached, t_cached = greedy_generate(model, input_ids, new_tokens, use_cache=True)
+    uncached, t_uncached = greedy_generate(model, input_ids, new_tokens, use_cache=False)
+    return {
+        "new tokens": new_tokens,
+        "identical": bool(torch.equal(cached, uncached)),
+        "cached ids": cached,
+        "uncached ids": uncached,
+        "cached tokens/s": new_tokens / t_cached,
+        "uncached tokens/s": new_tokens / t_uncached,
+        "speed-up": t_uncached / t_cached,
+    }
