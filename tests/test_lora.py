@@ -101,3 +101,15 @@ def test_lora_twice_and_merge_of_plain_model_are_refused():
         apply_strategy(wrapped, "lora", r=2)
     with pytest.raises(ValueError, match="merge_lora needs"):
         merge_lora(tiny_model("qwen2"))
+
+
+def test_parameter_table_adds_up(model, family):
+    from helpers.lora import lora_parameter_table
+
+    table = lora_parameter_table(model, r=4)
+    assert list(table.index) == EXPECTED_TARGETS[family] + ["total"]
+    assert table.loc["total", "lora params"] == lora_parameter_count(model, r=4) == table["lora params"].iloc[:-1].sum()
+    # GPT-2 names both its attention output and its MLP output c_proj: two modules per block.
+    per_block = {"c_proj": 2}
+    n = len(find_layers(model).blocks)
+    assert all(table.loc[k, "modules"] == per_block.get(k, 1) * n for k in EXPECTED_TARGETS[family])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import pandas as pd
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -51,6 +52,22 @@ def lora_parameter_count(model: nn.Module, r: int = LORA_DEFAULTS["r"], targets:
             fan_in, fan_out = module.weight.shape if isinstance(module, Conv1D) else module.weight.shape[::-1]
             total += r * (fan_in + fan_out)
     return total
+
+
+def lora_parameter_table(model: nn.Module, r: int = LORA_DEFAULTS["r"]) -> pd.DataFrame:
+    """Return per projection kind: shape (in x out), how many modules, weights they hold, LoRA parameters r*(in+out) it adds."""
+    rows: dict[str, dict] = {}
+    for name, module in _projection_names(model).items():
+        leaf = name.rpartition(".")[2]
+        fan_in, fan_out = module.weight.shape if isinstance(module, Conv1D) else module.weight.shape[::-1]
+        row = rows.setdefault(leaf, {"in": fan_in, "out": fan_out, "modules": 0, "weights": 0, "lora params": 0})
+        row["modules"] += 1
+        row["weights"] += fan_in * fan_out
+        row["lora params"] += r * (fan_in + fan_out)
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "projection"
+    table.loc["total"] = [None, None, table["modules"].sum(), table["weights"].sum(), table["lora params"].sum()]
+    return table.astype({"in": "Int64", "out": "Int64", "modules": "Int64", "weights": "int64", "lora params": "int64"})
 
 
 def _check(r: int, alpha: float, dropout: float) -> None:
