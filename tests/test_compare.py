@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 
 from helpers import count_parameters, meta_model
 from helpers.compare import comparison_table, main, markdown_table, report_side_by_side, strategies
-from helpers.widgets import strategy_counts, strategy_explorer, training_panel, widgets_available
+from helpers.widgets import explorer_table, strategy_explorer, training_panel, widgets_available
 
 from conftest import tiny_config, tiny_model
 
@@ -102,7 +102,7 @@ def test_widgets_fall_back_to_static_output_outside_a_frontend():
     full = count_parameters(meta_model(config))[1]
     assert table.loc["full_fine_tuning", "trainable"] == table.loc["full_fine_tuning", "total"] == full
     assert 0 < table.loc["lora", "trainable"] < full
-    assert table.equals(strategy_counts(config))
+    assert table.equals(explorer_table(config))
     figure = training_panel({"lora": _fake("lora", 40, 11.0)}, interactive=False)
     assert isinstance(figure, Figure) and figure.axes[0].lines
 

@@ -50,7 +50,7 @@ def explore(name: str, config=None, **options) -> tuple[pd.DataFrame, dict]:
                                   "percent": round(100 * trainable / total, 2), "summary": model.strategy_info.summary}
 
 
-def strategy_counts(config=None, names: list[str] | None = None) -> pd.DataFrame:
+def explorer_table(config=None, names: list[str] | None = None) -> pd.DataFrame:
     """Return trainable and total parameters of every strategy with its default options (the explorer's static form)."""
     rows = []
     for name in names or list(STRATEGIES):
@@ -76,7 +76,7 @@ def strategy_explorer(config=None, *, interactive: bool | None = None):
     """Return a widget to pick a strategy and its options, showing its trainable map and counts (static: a count table)."""
     config = config or load_config()
     if not (widgets_available() if interactive is None else interactive):
-        return strategy_counts(config)
+        return explorer_table(config)
 
     import ipywidgets as w
     from IPython.display import display
