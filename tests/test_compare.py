@@ -116,3 +116,15 @@ def test_live_explorer_builds_and_follows_the_dropdown():
     assert [c.description for c in controls.children] == ["n_top"]
     choice.value = "lora"
     assert [c.description for c in controls.children] == ["r", "alpha", "dropout"]
+
+
+def test_live_training_panel_trains_on_click(tiny_setup):
+    ipywidgets = pytest.importorskip("ipywidgets")
+    model_dir, corpus = tiny_setup
+    panel = training_panel(model_name=str(model_dir), corpus=corpus, interactive=True)
+    assert isinstance(panel, ipywidgets.VBox)
+    (choice, steps, button), status, _ = panel.children[0].children, panel.children[1], panel.children[2]
+    choice.value, steps.value = "gradual_unfreezing", 2
+    button.click()
+    assert status.value.startswith("done: validation loss"), status.value
+    assert not button.disabled

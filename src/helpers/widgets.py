@@ -11,6 +11,7 @@ import os
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .data import Corpus, load_corpus
 from .models import load_config, meta_model
 from .strategies import STRATEGIES, apply_strategy, count_parameters, trainable_map
 
@@ -163,7 +164,8 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
         try:
             status.value = "loading the model ..."
             model, tokenizer = load_model(model_name)
-            train_data, val_data = recipe_data(tokenizer, corpus)
+            texts = corpus if isinstance(corpus, Corpus) or corpus is None else load_corpus(corpus)
+            train_data, val_data = recipe_data(tokenizer, texts)
             model = apply_strategy(model, choice.value)
             config = recipe_config(steps=steps.value, warmup_steps=min(3, steps.value), eval_every=max(1, steps.value // 5),
                                    lr=learning_rate(choice.value), progress=False)
