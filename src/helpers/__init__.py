@@ -57,7 +57,7 @@ from .training import (
     save_trained,
     train,
 )
-from .lora import LORA_DEFAULTS, LORA_LR, lora_parameter_count, lora_target_modules, merge_lora
+from .lora import LORA_DEFAULTS, lora_parameter_count, lora_target_modules, merge_lora
 from .unfreezing import UNFREEZING_DEFAULTS, GradualUnfreezing, unfreezing_stages
 from .kv_cache import (
     StatefulLM,
@@ -93,7 +93,7 @@ __all__ = [
     "STRATEGIES", "LayerMap", "StrategyInfo", "apply_strategy", "count_parameters", "count_tensors", "find_layers",
     "register_strategy", "trainable_map", "BASE_STRATEGIES", "describe_layers", "strategy_counts",
     "TrainConfig", "load_trained", "save_full", "save_trained", "train", "changed_tensors", "frozen_snapshot",
-    "LORA_DEFAULTS", "LORA_LR", "lora_parameter_count", "lora_target_modules", "merge_lora",
+    "LORA_DEFAULTS", "lora_parameter_count", "lora_target_modules", "merge_lora",
     "UNFREEZING_DEFAULTS", "GradualUnfreezing", "unfreezing_stages",
     "StatefulLM", "cache_growth", "cache_nbytes", "cache_table", "fill_cache", "generation_speed", "greedy_generate",
     "kv_bytes_per_token", "kv_geometry", "logits_frozen_position", "logits_full_sequence", "logits_stale_cache",

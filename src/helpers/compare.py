@@ -15,15 +15,14 @@ from matplotlib.figure import Figure
 
 from .data import Corpus, load_corpus
 from .experiment import RECIPE, load_results, recipe_config, run_experiment, save_result
-from .lora import LORA_LR
 from .models import default_model_name
 from .strategies import STRATEGIES
 
 ORDER = ["full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapter_layers", "lora", "gradual_unfreezing"]
 """The strategies in the order the notebooks introduce them."""
 
-LEARNING_RATES: dict[str, float] = {"lora": LORA_LR}
-"""Learning rates that differ from RECIPE['lr']; the token budget, data, seed and schedule stay the same for all."""
+LEARNING_RATES: dict[str, float] = {}
+"""Per-strategy learning rates that differ from RECIPE['lr'] (none: at the recipe's 1e-3 every strategy shares one rate)."""
 
 REPORT_BASELINE_PPL = 737_879.38
 """The report's baseline perplexity of Qwen2-0.5B (its output head was randomly initialised)."""

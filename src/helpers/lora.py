@@ -14,9 +14,6 @@ from .strategies import StrategyInfo, find_layers, register_strategy, unwrap
 LORA_DEFAULTS: dict = {"r": 16, "alpha": 32, "dropout": 0.05}
 """Default LoRA options: rank 16 with scale alpha / r = 2, a little dropout on the adapter input."""
 
-LORA_LR: float = 1e-3
-"""Learning rate the notebooks use for LoRA: the adapters start at zero and need a larger step than full fine-tuning."""
-
 _PROJECTIONS = (nn.Linear, Conv1D)
 
 
