@@ -21,8 +21,8 @@ from .strategies import STRATEGIES
 ORDER = ["full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapter_layers", "lora", "gradual_unfreezing"]
 """The strategies in the order the notebooks introduce them."""
 
-LEARNING_RATES: dict[str, float] = {}
-"""Per-strategy learning rates that differ from RECIPE['lr'] (none: at the recipe's 1e-3 every strategy shares one rate)."""
+LEARNING_RATES: dict[str, float] = {"lora": 1e-3}
+"""Per-strategy learning rates that differ from RECIPE['lr']: LoRA's zero-initialised, alpha/r-scaled adapters want a larger one."""
 
 REPORT_BASELINE_PPL = 737_879.38
 """The report's baseline perplexity of Qwen2-0.5B (its output head was randomly initialised)."""
