@@ -1,6 +1,8 @@
 """Training tokens/s of each strategy on the default model, against this machine's fp32 matmul GFLOP/s.
 
 Usage: python benchmarks/train_throughput.py [--steps 4] [--strategies full_fine_tuning,...]
+Prefix TUTORIAL_MALLOC=system to measure with glibc's default malloc settings instead of the ones
+`import helpers` sets (see helpers.keep_freed_memory).
 Full fine-tuning costs about 6 x parameters x tokens FLOPs (2 forward, 4 backward); dividing by the
 measured seconds gives the achieved GFLOP/s, and its ratio to a plain n x n matmul says how much of the
 machine the training loop actually uses. Both are measured in this one process, minutes apart at most.
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     corpus = helpers.load_corpus()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; recipe batch {helpers.RECIPE['batch_size']} "
-          f"x {helpers.RECIPE['block_size']} tokens, fp32, {args.steps} timed steps per strategy")
+          f"x {helpers.RECIPE['block_size']} tokens, fp32, {args.steps} timed steps per strategy; "
+          f"freed CPU memory kept for reuse: {helpers.CPU_MEMORY_KEPT}")
     rows = []
     for strategy in args.strategies.split(","):
         model, tokenizer = helpers.load_model()

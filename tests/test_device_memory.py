@@ -1,4 +1,9 @@
 """Device choice, the device report, matmul throughput, and the training-memory calculator."""
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -20,6 +25,19 @@ def test_device_report_names_versions():
 
 def test_matmul_gflops_is_positive():
     assert helpers.matmul_gflops("cpu", n=128, seconds=0.05) > 0
+
+
+def _memory_kept_in_new_process(**env) -> str:
+    code = "import helpers; print(helpers.CPU_MEMORY_KEPT, helpers.device_report()['freed CPU memory kept for reuse'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_importing_helpers_keeps_freed_memory_unless_told_not_to():
+    assert _memory_kept_in_new_process(TUTORIAL_MALLOC="") == "True True"
+    assert _memory_kept_in_new_process(TUTORIAL_MALLOC="system") == "False False"
 
 
 def test_training_memory_adds_up():

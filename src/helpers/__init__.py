@@ -3,7 +3,7 @@
 Every notebook imports this package; each public function has a one-line docstring saying what it returns.
 """
 from .data import Corpus, load_corpus, make_blocks, make_dataloader, tokenize
-from .device import available_devices, device_report, get_device, matmul_gflops
+from .device import CPU_MEMORY_KEPT, available_devices, device_report, get_device, keep_freed_memory, matmul_gflops
 from .evaluation import generate, perplexity, token_nll, window_perplexities
 from .memory import training_memory
 from .models import (
@@ -33,7 +33,7 @@ from .experiment import (
     run_experiment,
     save_result,
 )
-from .plotting import plot_history, plot_trainable_map
+from .plotting import plot_history, plot_timing, plot_trainable_map
 from .strategies import (
     BASE_STRATEGIES,
     STRATEGIES,
@@ -74,14 +74,13 @@ from .kv_cache import (
     logits_stale_cache,
     logits_token_by_token,
     next_token_perplexity,
-    plot_timing,
     time_forward_backward,
     timing_sweep,
 )
 
 __all__ = [
     "Corpus", "load_corpus", "make_blocks", "make_dataloader", "tokenize",
-    "available_devices", "device_report", "get_device", "matmul_gflops",
+    "CPU_MEMORY_KEPT", "available_devices", "device_report", "get_device", "keep_freed_memory", "matmul_gflops",
     "generate", "perplexity", "token_nll", "window_perplexities",
     "training_memory",
     "DEFAULT_MODEL", "cache_dir", "checkpoint_tensor_names", "default_model_name", "heads_are_tied", "load_config",
@@ -89,7 +88,7 @@ __all__ = [
     "quiet_transformers", "qwen2_0_5b_config", "with_random_head",
     "PROMPT", "RECIPE", "baseline_perplexity", "load_results", "recipe_config", "recipe_data", "results_dir",
     "run_experiment", "save_result", "complete", "evaluate_splits", "make_result",
-    "plot_history", "plot_trainable_map",
+    "plot_history", "plot_timing", "plot_trainable_map",
     "STRATEGIES", "LayerMap", "StrategyInfo", "apply_strategy", "count_parameters", "count_tensors", "find_layers",
     "register_strategy", "trainable_map", "BASE_STRATEGIES", "describe_layers", "strategy_counts",
     "TrainConfig", "load_trained", "save_full", "save_trained", "train", "changed_tensors", "frozen_snapshot",
@@ -97,5 +96,5 @@ __all__ = [
     "UNFREEZING_DEFAULTS", "GradualUnfreezing", "unfreezing_stages",
     "StatefulLM", "cache_growth", "cache_nbytes", "cache_table", "fill_cache", "generation_speed", "greedy_generate",
     "kv_bytes_per_token", "kv_geometry", "logits_frozen_position", "logits_full_sequence", "logits_stale_cache",
-    "logits_token_by_token", "next_token_perplexity", "plot_timing", "time_forward_backward", "timing_sweep",
+    "logits_token_by_token", "next_token_perplexity", "time_forward_backward", "timing_sweep",
 ]

@@ -1,6 +1,8 @@
 """Which device to use, what it offers, and how fast it multiplies matrices."""
 from __future__ import annotations
 
+import ctypes
+import os
 import platform
 import time
 
@@ -39,6 +41,7 @@ def device_report() -> dict[str, object]:
         "cuda version (torch build)": torch.version.cuda,
         "mps available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
         "chosen device": str(get_device()),
+        "freed CPU memory kept for reuse": CPU_MEMORY_KEPT,
     }
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
@@ -47,6 +50,28 @@ def device_report() -> dict[str, object]:
         report[f"cuda:{i} memory (GiB)"] = round(props.total_memory / 2**30, 2)
         report[f"cuda:{i} bf16 supported"] = torch.cuda.is_bf16_supported()
     return report
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's malloc.h
+
+
+def keep_freed_memory(threshold: int = 2**30) -> bool:
+    """Return True if glibc's malloc now keeps freed blocks below `threshold` bytes for reuse, else False.
+
+    PyTorch's CPU tensors come from malloc. By default glibc serves every block above 32 MiB with a fresh mmap
+    and hands it back to the system when freed, so each training step faults its logits, activations and
+    gradients into memory page by page again: about a third of a step of the default model on this CPU.
+    Raising the mmap and trim thresholds keeps that memory in the process for the next step; the price is that
+    the process's resident memory stays at its peak. Set TUTORIAL_MALLOC=system to keep glibc's defaults.
+    """
+    if os.environ.get("TUTORIAL_MALLOC", "").lower() == "system" or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, for one): nothing to tune
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -81,3 +106,7 @@ def matmul_gflops(
         if elapsed >= seconds:
             break
     return 2 * n**3 * runs / elapsed / 1e9
+
+
+CPU_MEMORY_KEPT: bool = keep_freed_memory()
+"""Whether importing helpers tuned glibc's malloc to keep freed memory (see `keep_freed_memory`)."""
