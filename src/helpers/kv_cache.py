@@ -4,11 +4,9 @@ from __future__ import annotations
 import statistics
 import time
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
@@ -275,27 +273,6 @@ def timing_sweep(
         token = time_forward_backward(model, ids, "token_by_token", repeats=token_repeats)
         rows.append({"T": n, "full (s)": full, "token by token (s)": token, "ratio": token / full})
     return pd.DataFrame(rows).set_index("T")
-
-
-def plot_timing(table: pd.DataFrame) -> Figure:
-    """Return a figure of forward + backward seconds against T for both modes, and their ratio against T."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot(table.index, table["full (s)"], "o-", label="full sequence (one forward)")
-    left.plot(table.index, table["token by token (s)"], "s-", label="token by token (T forwards)")
-    left.set_xscale("log", base=2)
-    left.set_yscale("log")
-    left.set_xlabel("sequence length T (tokens)")
-    left.set_ylabel("forward + backward (s)")
-    left.set_xticks(list(table.index), [str(t) for t in table.index])
-    left.legend(fontsize=8)
-    right.plot(table.index, table["ratio"], "o-", color="C3")
-    right.set_xscale("log", base=2)
-    right.set_xticks(list(table.index), [str(t) for t in table.index])
-    right.set_xlabel("sequence length T (tokens)")
-    right.set_ylabel("token by token / full sequence")
-    right.axhline(1, color="grey", lw=0.8)
-    fig.tight_layout()
-    return fig
 
 
 # --- where the cache belongs: generation -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Figures of the notebooks: which parts of a model train, and how the losses move while training."""
+"""Figures of the notebooks: which parts of a model train, how the losses move while training, what the KV-cache loop costs."""
 from __future__ import annotations
 
 import math
@@ -63,3 +63,24 @@ def _log(p):
     import numpy as np
 
     return np.log(np.clip(p, math.exp(-50), None))
+
+
+def plot_timing(table: pd.DataFrame) -> Figure:
+    """Return a figure of forward + backward seconds against T for both modes, and their ratio against T."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(table.index, table["full (s)"], "o-", label="full sequence (one forward)")
+    left.plot(table.index, table["token by token (s)"], "s-", label="token by token (T forwards)")
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xlabel("sequence length T (tokens)")
+    left.set_ylabel("forward + backward (s)")
+    left.set_xticks(list(table.index), [str(t) for t in table.index])
+    left.legend(fontsize=8)
+    right.plot(table.index, table["ratio"], "o-", color="C3")
+    right.set_xscale("log", base=2)
+    right.set_xticks(list(table.index), [str(t) for t in table.index])
+    right.set_xlabel("sequence length T (tokens)")
+    right.set_ylabel("token by token / full sequence")
+    right.axhline(1, color="grey", lw=0.8)
+    fig.tight_layout()
+    return fig
