@@ -7,7 +7,10 @@ import pytest
 from matplotlib.figure import Figure
 
 from helpers import count_parameters, meta_model
-from helpers.compare import comparison_table, main, markdown_table, report_side_by_side, strategies
+from helpers.compare import (
+    collect_results, comparison_table, is_current, learning_rate, main, markdown_table, report_side_by_side, strategies,
+)
+from helpers.experiment import RECIPE, save_result
 from helpers.widgets import explorer_table, strategy_explorer, training_panel, widgets_available
 
 from conftest import tiny_config, tiny_model
@@ -52,6 +55,27 @@ def test_table_has_baseline_row_and_relative_change():
 def test_table_refuses_results_from_different_baselines():
     with pytest.raises(ValueError, match="baseline"):
         comparison_table({"a": _fake("a", 1, 5.0, baseline=20.0), "b": _fake("b", 1, 5.0, baseline=30.0)})
+
+
+def _current(name):
+    result = _fake(name, 10, 11.0)
+    result["recipe"] = dict(RECIPE)
+    result["config"] = {"lr": learning_rate(name), "steps": RECIPE["steps"]}
+    return result
+
+
+def test_results_of_another_recipe_or_rate_are_stale(tmp_path):
+    assert is_current(_current("lora"), "lora")
+    assert not is_current(_current("lora"), "full_fine_tuning")  # LoRA trains at its own rate
+    old_recipe = _current("adapter_layers")
+    old_recipe["recipe"]["steps"] = RECIPE["steps"] // 2
+    assert not is_current(old_recipe, "adapter_layers")
+    assert not is_current(_fake("adapter_layers", 10, 11.0), "adapter_layers")  # no recipe recorded at all
+    save_result(old_recipe, tmp_path / "adapter_layers.json")
+    save_result(_current("lora"), tmp_path / "lora.json")
+    # Without permission to train, stale files are still shown; what is missing stays missing.
+    found = collect_results(["adapter_layers", "lora", "full_fine_tuning"], folder=tmp_path, compute_missing=False)
+    assert set(found) == {"adapter_layers", "lora"}
 
 
 def test_markdown_table_shape():
