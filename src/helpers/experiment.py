@@ -19,13 +19,13 @@ from .training import TrainConfig, train
 RECIPE: dict = {
     "block_size": 128,        # tokens per training block
     "batch_size": 4,          # blocks per optimizer step
-    "steps": 25,              # optimizer steps: 25 x 4 x 128 = 12,800 training tokens for every strategy
-    "lr": 3e-4,               # full fine-tuning reached 0.67x the baseline test ppl at 3e-4 but only 0.92x at 1e-3
+    "steps": 50,              # optimizer steps: 50 x 4 x 128 = 25,600 training tokens for every strategy
+    "lr": 2e-4,               # chosen on validation ppl of full fine-tuning: 2e-4 beat 3e-4 and 5e-4 (and 1e-3 by far)
     "warmup_steps": 3,
     "min_lr_ratio": 0.1,
     "grad_clip": 1.0,
     "weight_decay": 0.0,
-    "eval_every": 5,          # validation on a few fixed blocks during training ...
+    "eval_every": 10,         # validation on a few fixed blocks during training ...
     "eval_batches": 2,        # ... (2 x 4 x 128 tokens); full validation and test perplexity once at the end
     "eval_block_size": 256,   # window of the final perplexity
     "seed": 0,
