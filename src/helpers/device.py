@@ -60,7 +60,7 @@ def keep_freed_memory(threshold: int = 2**30) -> bool:
 
     PyTorch's CPU tensors come from malloc. By default glibc serves every block above 32 MiB with a fresh mmap
     and hands it back to the system when freed, so each training step faults its logits, activations and
-    gradients into memory page by page again: about a third of a step of the default model on this CPU.
+    gradients into memory page by page again: 10-30 % of a step of the default model on this CPU.
     Raising the mmap and trim thresholds keeps that memory in the process for the next step; the price is that
     the process's resident memory stays at its peak. Set TUTORIAL_MALLOC=system to keep glibc's defaults.
     """
