@@ -152,3 +152,15 @@ def test_live_training_panel_trains_on_click(tiny_setup):
     button.click()
     assert status.value.startswith("done: validation loss"), status.value
     assert not button.disabled
+
+
+def test_figures_are_made_through_pyplot_but_left_closed():
+    import matplotlib.pyplot as plt
+
+    from helpers.plotting import new_figure
+
+    before = plt.get_fignums()
+    fig = new_figure(4, 3)
+    # pyplot made it (so Jupyter's inline backend is loaded and can draw it) and forgot it (so it is drawn once).
+    assert plt.get_fignums() == before
+    assert isinstance(fig, Figure) and tuple(fig.get_size_inches()) == (4, 3)

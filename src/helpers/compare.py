@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from .data import Corpus, load_corpus
 from .experiment import RECIPE, load_results, recipe_config, run_experiment, save_result
 from .models import default_model_name
+from .plotting import new_figure
 from .strategies import STRATEGIES
 
 ORDER = ["full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapter_layers", "lora", "gradual_unfreezing"]
@@ -168,8 +169,7 @@ def write_table(table: pd.DataFrame, out: str | Path, *, stem: str = "comparison
 
 
 def _figure(width: float = 6.5, height: float = 3.8) -> tuple[Figure, object]:
-    # A pyplot-free Figure: the notebook shows it once (when returned), and the widgets can redraw it in place.
-    fig = Figure(figsize=(width, height))
+    fig = new_figure(width, height)
     return fig, fig.add_subplot()
 
 
@@ -208,14 +208,20 @@ def plot_params_vs_perplexity(table: pd.DataFrame) -> Figure:
     fig, ax = _figure()
     trained = table[table["trainable params"] > 0]
     ax.scatter(trained["trainable params"], trained["test ppl"], color="#2b8cbe")
-    for name, row in trained.iterrows():
-        ax.annotate(name, (row["trainable params"], row["test ppl"]), xytext=(4, 4), textcoords="offset points", fontsize=8)
     ax.axhline(table["test ppl"].iloc[0], color="#636363", lw=1, ls="--", label="baseline (no training)")
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.12)
+    # Labels go left of the points in the right half, so the largest strategies' names stay inside the axes, and
+    # alternate above and below, so two strategies of similar size and perplexity do not print over each other.
+    middle = (trained["trainable params"].min() * trained["trainable params"].max()) ** 0.5
+    for i, (name, row) in enumerate(trained.sort_values("trainable params").iterrows()):
+        right = row["trainable params"] > middle
+        ax.annotate(name, (row["trainable params"], row["test ppl"]), xytext=(-5 if right else 5, -11 if i % 2 else 6),
+                    textcoords="offset points", ha="right" if right else "left", fontsize=8)
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("test perplexity")
     ax.set_title("what each strategy trains against what it gains")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return fig
 

@@ -8,6 +8,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 
+def new_figure(width: float = 6.5, height: float = 3.8) -> Figure:
+    """Return an empty figure that a notebook draws once, as the value it is returned as (or passed to display)."""
+    # Made through pyplot so that Jupyter's inline backend gets loaded and registers its PNG formatter: a bare
+    # Figure() in a kernel where pyplot never drew shows up as "<Figure size ...>" text. Closed at once, so the
+    # backend does not draw it a second time at the end of the cell, and redrawn widgets do not pile up figures.
+    fig = plt.figure(figsize=(width, height))
+    plt.close(fig)
+    return fig
+
+
 def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None) -> Figure:
     """Return a figure with one bar per model part (bottom part at the bottom): all parameters, trainable ones on top."""
     if ax is None:

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from .data import Corpus, load_corpus
 from .models import load_config, meta_model
+from .plotting import new_figure, plot_trainable_map
 from .strategies import STRATEGIES, apply_strategy, count_parameters, trainable_map
 
 WIDGETS_ENV = "TUTORIAL_WIDGETS"
@@ -82,7 +83,6 @@ def strategy_explorer(config=None, *, interactive: bool | None = None):
     import ipywidgets as w
     from IPython.display import display
 
-    from .plotting import plot_trainable_map
 
     choice = w.Dropdown(options=list(STRATEGIES), value=next(iter(STRATEGIES)), description="strategy")
     controls_box, output = w.HBox(), w.Output()
@@ -99,7 +99,7 @@ def strategy_explorer(config=None, *, interactive: bool | None = None):
                 return
             print(f"{counts['trainable']:,} of {counts['total']:,} parameters trainable ({counts['percent']}%)")
             print(counts["summary"])
-            fig = Figure(figsize=(6.5, max(2.5, 0.22 * len(table) + 1)))
+            fig = new_figure(6.5, max(2.5, 0.22 * len(table) + 1))
             plot_trainable_map(table, ax=fig.add_subplot())
             display(fig)
 
@@ -119,7 +119,7 @@ def strategy_explorer(config=None, *, interactive: bool | None = None):
 
 
 def _loss_figure(histories: dict[str, pd.DataFrame], title: str) -> Figure:
-    fig = Figure(figsize=(6.5, 3.6))
+    fig = new_figure(6.5, 3.6)
     ax = fig.add_subplot()
     for i, (name, frame) in enumerate(histories.items()):
         trained = frame.dropna(subset=["train_loss"])
