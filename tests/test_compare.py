@@ -85,6 +85,11 @@ def test_markdown_table_shape():
     assert lines[2] == "| a | 1,234 | 1.50 |" and lines[3] == "| b | 5 |  |"
 
 
+def test_markdown_table_keeps_small_learning_rates_readable():
+    md = markdown_table(pd.DataFrame({"lr": [2e-4, 2e-3], "ppl": [10.7361, 11.1326]}, index=pd.Index(["a", "b"], name="s")))
+    assert md.strip().splitlines()[2:] == ["| a | 0.0002 | 10.74 |", "| b | 0.002 | 11.13 |"]
+
+
 def test_command_on_tiny_model_writes_csv_and_markdown(tiny_setup, tmp_path, capsys):
     model_dir, corpus = tiny_setup
     out = tmp_path / "out"

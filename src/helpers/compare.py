@@ -138,23 +138,27 @@ def report_side_by_side(results: dict[str, dict]) -> pd.DataFrame:
     return table
 
 
+COLUMN_FORMATS: dict[str, str] = {"lr": "g"}
+"""Number formats of columns that the default two decimals would flatten (a learning rate of 2e-4 is not 0.00)."""
+
+
 def markdown_table(table: pd.DataFrame, *, floatfmt: str = ",.2f") -> str:
     """Return `table` as a GitHub Markdown table (index first), numbers right-aligned."""
     frame = table.reset_index()
 
-    def cell(v) -> str:
+    def cell(v, column: str) -> str:
         if isinstance(v, bool) or v is None:
             return str(v)
         if isinstance(v, int) or (hasattr(v, "dtype") and "int" in str(v.dtype)):
             return f"{int(v):,}"
         if isinstance(v, float):
-            return "" if v != v else format(v, floatfmt)
+            return "" if v != v else format(v, COLUMN_FORMATS.get(column, floatfmt))
         return str(v)
 
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
              "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell(v, c) for v, c in zip(row, frame.columns)) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -259,14 +263,13 @@ def _parser() -> argparse.ArgumentParser:
             "token budget) and write the comparison table as CSV and Markdown: trainable parameters, training "
             "time, tokens/s, peak memory, validation and test perplexity, change against the untrained baseline."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--strategies", nargs="+", metavar="NAME", default=None,
                         help=f"strategies to compare, space-separated; choose from: {', '.join(strategies())} "
                              "(default: all of them)")
     parser.add_argument("--steps", type=int, default=RECIPE["steps"],
                         help=f"optimizer steps per strategy, each of {RECIPE['batch_size']} blocks of "
-                             f"{RECIPE['block_size']} tokens (the same for every strategy)")
+                             f"{RECIPE['block_size']} tokens (the same for every strategy; default: {RECIPE['steps']})")
     parser.add_argument("--model", default=None, metavar="NAME",
                         help=f"model: a local folder written by save_pretrained, a .gguf file, or a Hub id "
                              f"(default: $TUTORIAL_MODEL or {default_model_name()})")
@@ -274,7 +277,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="folder of .txt/.md documents, split by document into train/validation/test "
                              "(default: the bundled Rust corpus)")
     parser.add_argument("--out", default="comparison", metavar="DIR",
-                        help="folder for comparison.csv, comparison.md and results/<strategy>.json")
+                        help="folder for comparison.csv, comparison.md and results/<strategy>.json (default: comparison)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (for logs and scripts)")
     return parser
 
