@@ -1,13 +1,15 @@
 """What the report's token-by-token "fix" costs in training, and what the KV cache buys in generation.
 
-Usage: python benchmarks/kv_cache.py [MODEL] [--lengths 16,32,64,128,256] [--repeats 3] [--new-tokens 200] [--long-prompt 64]
+Usage: python benchmarks/kv_cache.py [MODEL] [--lengths 16,32,64,128,256] [--repeats 3] [--new-tokens 200]
+                                     [--long-prompt 64]
 MODEL is anything helpers.load_model accepts (default: the tutorial's default model). For each length T
 it times one forward + backward of a next-token loss, once with a single full-sequence forward and once
 with the report's loop (fresh cache, one forward per token), and prints the ratio. Then it generates
 --new-tokens tokens greedily with and without the cache, checks that the ids are identical, and prints
-tokens/s of both: once after a short prompt and once after the first --long-prompt tokens of the test split,
-because without a cache every step re-reads the whole context, so the speed-up depends on its length. Targets on a 2-core CPU, default model, fp32: ratio >= 15 at T = 64 and >= 50 at
-T = 256; cached generation >= 5x the tokens/s of uncached generation at 200 new tokens.
+tokens/s of both: once after a short prompt and once after the first --long-prompt tokens of the test
+split, because without a cache every step re-reads the whole context, so the speed-up depends on its length.
+Targets on a 2-core CPU, default model, fp32: ratio >= 15 at T = 64 and >= 50 at T = 256; cached
+generation >= 5x the tokens/s of uncached generation at 200 new tokens.
 """
 from __future__ import annotations
 

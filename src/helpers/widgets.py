@@ -83,7 +83,6 @@ def strategy_explorer(config=None, *, interactive: bool | None = None):
     import ipywidgets as w
     from IPython.display import display
 
-
     choice = w.Dropdown(options=list(STRATEGIES), value=next(iter(STRATEGIES)), description="strategy")
     controls_box, output = w.HBox(), w.Output()
     controls: dict[str, object] = {}
