@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
@@ -55,15 +55,32 @@ def model(family) -> transformers.PreTrainedModel:
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer with VOCAB ids, built locally (no Hub): one id per Latin-1 character, plus EOS."""
-    vocab = {chr(i): i for i in range(1, VOCAB - 1)}
+    return char_tokenizer(bos=False)
+
+
+def char_tokenizer(*, bos: bool) -> PreTrainedTokenizerFast:
+    """Return a character-level tokenizer with VOCAB ids; with `bos`, it puts <s> (id 1) in front of every text by
+    default, as Llama-2/3, Gemma and Mistral tokenizers do."""
+    vocab = {chr(i): i for i in range(2 if bos else 1, VOCAB - 1)}
     vocab["<unk>"], vocab["</s>"] = 0, VOCAB - 1
+    if bos:
+        vocab["<s>"] = 1
     # WordLevel over single characters keeps ids < VOCAB; characters above U+00FE map to <unk>.
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    special = {"bos_token": "<s>"} if bos else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", **special)
     fast.pad_token = fast.eos_token
     return fast
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer that adds a BOS token by default (id 1), like Llama's."""
+    return char_tokenizer(bos=True)
 
 
 @pytest.fixture

@@ -57,6 +57,13 @@ def test_table_refuses_results_from_different_baselines():
         comparison_table({"a": _fake("a", 1, 5.0, baseline=20.0), "b": _fake("b", 1, 5.0, baseline=30.0)})
 
 
+def test_baselines_from_two_machines_share_one_table():
+    # The same baseline computed on two machines differs in the sixth digit (18.221186 vs 18.221347 was seen).
+    table = comparison_table({"a": _fake("a", 1, 10.0, baseline=18.221186), "b": _fake("b", 1, 11.0, baseline=18.221347)})
+    assert table.loc["baseline (no training)", "test ppl"] == pytest.approx(18.2212665)
+    assert table.loc["a", "test / baseline"] == pytest.approx(10.0 / 18.2212665)
+
+
 def _current(name):
     result = _fake(name, 10, 11.0)
     result["recipe"] = dict(RECIPE)

@@ -76,10 +76,32 @@ def test_empty_document_is_named(tmp_path):
         helpers.load_corpus(tmp_path)
 
 
-def test_tokenize_appends_eos_per_document(tokenizer):
+def test_tokenize_joins_documents_with_a_blank_line_and_no_special_tokens(tokenizer):
     ids = helpers.tokenize(tokenizer, ["ab", "cde"])
-    eos = tokenizer.eos_token_id
-    assert ids.tolist() == [ord("a"), ord("b"), eos, ord("c"), ord("d"), ord("e"), eos]
+    assert ids.tolist() == [ord(c) for c in "ab\n\ncde"]
+    assert tokenizer.eos_token_id not in ids.tolist()
+
+
+def test_special_prefix_is_what_the_tokenizer_puts_in_front(tokenizer, bos_tokenizer):
+    assert helpers.special_prefix(tokenizer) == []
+    assert helpers.special_prefix(bos_tokenizer) == [bos_tokenizer.bos_token_id]
+    assert bos_tokenizer("ab").input_ids == [bos_tokenizer.bos_token_id, ord("a"), ord("b")]
+
+
+def test_blocks_start_with_the_prefix_and_hold_the_rest_of_the_text():
+    blocks = helpers.make_blocks(torch.arange(10, 20), 4, prefix=[1])
+    assert blocks.tolist() == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18]]
+    with pytest.raises(ValueError, match="longer than the 1-token prefix"):
+        helpers.make_blocks(torch.arange(10), 1, prefix=[1])
+
+
+def test_training_blocks_follow_the_evaluation_rule(bos_tokenizer, text):
+    batch = next(iter(helpers.make_dataloader(bos_tokenizer, text, block_size=16, batch_size=4, shuffle=False)))[0]
+    bos = bos_tokenizer.bos_token_id
+    assert (batch[:, 0] == bos).all() and not (batch[:, 1:] == bos).any()
+    assert bos_tokenizer.eos_token_id not in batch.tolist()
+    text_ids = helpers.tokenize(bos_tokenizer, text)
+    assert batch[0, 1:].tolist() == text_ids[:15].tolist()
 
 
 def test_make_blocks_drops_the_tail():

@@ -9,19 +9,20 @@ import helpers
 from helpers.evaluation import windows
 
 
-def reference_nll(model, ids, block_size, stride):
-    """Sum of -log p(token) scored once each, one window at a time, as the transformers perplexity guide does."""
-    total, count, prev_end = 0.0, 0, 0
+def reference_nll(model, ids, block_size, stride, prefix=()):
+    """Sum of -log p(token) scored once each, one window at a time, as the transformers perplexity guide does,
+    with the tokenizer's prefix (BOS) in front of every window as unscored context."""
+    total, count, prev_end, span = 0.0, 0, 0, block_size - len(prefix)
     for begin in range(0, ids.numel(), stride):
-        end = min(begin + block_size, ids.numel())
-        target_len = end - prev_end
-        x = ids[begin:end].unsqueeze(0)
+        end = min(begin + span, ids.numel())
+        x = torch.cat([torch.tensor(list(prefix), dtype=torch.long), ids[begin:end]]).unsqueeze(0)
         with torch.no_grad():
             logp = F.log_softmax(model(x).logits[0].double(), dim=-1)
-        for pos in range(end - target_len, end):
-            if pos == begin:  # the window's first token has no context inside the window
+        for pos in range(max(prev_end, begin), end):
+            fed = len(prefix) + pos - begin
+            if fed == 0:  # the very first fed token has nothing before it to be predicted from
                 continue
-            total -= logp[pos - begin - 1, ids[pos]].item()
+            total -= logp[fed - 1, ids[pos]].item()
             count += 1
         prev_end = end
         if end == ids.numel():
@@ -30,14 +31,28 @@ def reference_nll(model, ids, block_size, stride):
 
 
 @pytest.mark.parametrize("stride", [None, 8])
-def test_perplexity_matches_independent_computation(model, tokenizer, text, stride):
-    ids = helpers.tokenize(tokenizer, text)
-    nll, n = helpers.token_nll(model, ids, block_size=32, stride=stride, batch_size=3)
-    ref_nll, ref_n = reference_nll(model, ids, 32, stride or 32)
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_perplexity_matches_independent_computation(model, tokenizer, bos_tokenizer, text, stride, with_bos):
+    tok = bos_tokenizer if with_bos else tokenizer
+    prefix = helpers.special_prefix(tok)
+    ids = helpers.tokenize(tok, text)
+    nll, n = helpers.token_nll(model, ids, block_size=32, stride=stride, batch_size=3, prefix=prefix)
+    ref_nll, ref_n = reference_nll(model, ids, 32, stride or 32 - len(prefix), prefix)
     assert n == ref_n
     assert nll == pytest.approx(ref_nll, rel=1e-5)
-    ppl = helpers.perplexity(model, tokenizer, text, block_size=32, stride=stride)
+    ppl = helpers.perplexity(model, tok, text, block_size=32, stride=stride)
     assert ppl == pytest.approx(math.exp(ref_nll / ref_n), rel=1e-5)
+
+
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_one_window_equals_the_transformers_loss_with_the_tokenizers_defaults(model, tokenizer, bos_tokenizer, text, with_bos):
+    tok = bos_tokenizer if with_bos else tokenizer
+    snippet = text[:120]
+    ids = torch.tensor([tok(snippet).input_ids])
+    assert (ids[0, 0].item() == tok.bos_token_id) == with_bos
+    with torch.no_grad():
+        expected = math.exp(model(ids, labels=ids).loss.item())
+    assert helpers.perplexity(model, tok, snippet, block_size=256) == pytest.approx(expected, rel=1e-6)
 
 
 def test_sliding_window_scores_every_token_but_the_first_once():
@@ -46,6 +61,22 @@ def test_sliding_window_scores_every_token_but_the_first_once():
     for begin, end, n_context in spans:
         scored += list(range(begin + max(n_context, 1), end))
     assert sorted(scored) == list(range(1, 100))
+
+
+@pytest.mark.parametrize("stride", [None, 8])
+def test_with_a_bos_prefix_every_token_is_scored_once_the_first_included(stride):
+    spans = windows(100, 32, stride, n_prefix=1)
+    assert all(end - begin <= 31 for begin, end, _ in spans)
+    scored = [i for begin, end, n_context in spans for i in range(begin + n_context, end)]
+    assert sorted(scored) == list(range(100))
+
+
+def test_the_bos_is_fed_but_never_scored(model, bos_tokenizer, text):
+    ids = helpers.tokenize(bos_tokenizer, text)[:40]
+    nll, n = helpers.token_nll(model, ids, block_size=16, prefix=[bos_tokenizer.bos_token_id])
+    assert n == 40  # 3 windows of BOS + 15, 15, 10 text tokens: every text token once, the BOS never
+    _, n_plain = helpers.token_nll(model, ids, block_size=16)
+    assert n_plain == 40 - 3  # without a BOS, each window's first token has nothing to be predicted from
 
 
 def test_perplexity_is_token_weighted_not_a_mean_of_batch_means(model, tokenizer, text):
@@ -68,6 +99,10 @@ def test_perplexity_rejects_bad_arguments(model, tokenizer, text):
         helpers.perplexity(model, tokenizer, text, block_size=16, stride=32)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         helpers.token_nll(model, torch.tensor([5]))
+    with pytest.raises(ValueError, match="at least 2 tokens.*Pass a longer text"):
+        helpers.perplexity(model, tokenizer, "a")
+    with pytest.raises(ValueError, match="No text given"):
+        helpers.perplexity(model, tokenizer, " ")
 
 
 def test_perplexity_restores_training_mode(model, tokenizer, text):
@@ -101,10 +136,26 @@ def test_a_head_of_zeros_guesses_uniformly_and_scores_exactly_the_vocabulary_siz
     assert helpers.perplexity(uniform, tokenizer, text, block_size=32) == pytest.approx(model.config.vocab_size, rel=1e-5)
 
 
-def test_window_perplexities_are_the_per_window_parts_of_the_total(model, tokenizer, text):
-    snippet = text[: 8 * 12 - 1]  # one token per character, plus EOS: exactly 12 windows of 8
-    ids = helpers.tokenize(tokenizer, snippet)
-    per_window = helpers.window_perplexities(model, tokenizer, snippet, block_size=8, batch_size=5)
-    nll, n = helpers.token_nll(model, ids, block_size=8)
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_window_perplexities_are_the_per_window_parts_of_the_total(model, tokenizer, bos_tokenizer, text, with_bos):
+    tok = bos_tokenizer if with_bos else tokenizer
+    n_text = 8 - with_bos  # text tokens per 8-token window, after the BOS if there is one
+    snippet = text[: n_text * 12]  # one token per character: exactly 12 windows
+    ids = helpers.tokenize(tok, snippet)
+    per_window = helpers.window_perplexities(model, tok, snippet, block_size=8, batch_size=5)
+    nll, n = helpers.token_nll(model, ids, block_size=8, prefix=helpers.special_prefix(tok))
     assert per_window.numel() == 12 and n == 7 * 12
     assert (per_window.log() * 7).sum().item() == pytest.approx(nll, rel=1e-5)
+
+
+def test_default_model_perplexity_equals_the_transformers_loss():
+    # The issue that fixed the rule: one ~130-token test snippet scored 55.56 with an <|im_end|> appended, 46.83 without.
+    model, tok = helpers.load_model()
+    snippet = helpers.load_corpus().test[0][:600]
+    ids = torch.tensor([tok(snippet).input_ids])
+    assert 100 < ids.shape[1] < 256 and helpers.special_prefix(tok) == []
+    with torch.no_grad():
+        expected = math.exp(model(ids, labels=ids).loss.item())
+    assert helpers.perplexity(model, tok, snippet) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        helpers.perplexity(model, tok, "a")

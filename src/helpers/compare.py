@@ -9,16 +9,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-import pandas as pd
-from matplotlib.figure import Figure
+from .recipe import RECIPE
 
-from .data import Corpus, load_corpus
-from .experiment import RECIPE, load_results, recipe_config, run_experiment, save_result
-from .models import default_model_name
-from .plotting import new_figure
-from .strategies import STRATEGIES
+# pandas, matplotlib, torch and transformers load inside the functions that use them, so that the command's --help
+# answers at once.
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from .data import Corpus
 
 ORDER = ["full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapter_layers", "lora", "gradual_unfreezing"]
 """The strategies in the order the notebooks introduce them."""
@@ -30,21 +31,34 @@ larger one (2e-3 beat 1e-3 on validation perplexity under the recipe)."""
 REPORT_BASELINE_PPL = 737_879.38
 """The report's baseline perplexity of Qwen2-0.5B (its output head was randomly initialised)."""
 
-REPORT = pd.DataFrame(
-    [
-        ("freeze_lower_layers", 291, 81_680.74, 88.9),
-        ("freeze_embeddings", 291, 98_825.13, 86.6),
-        ("full_fine_tuning", 291, 195_018.19, 73.6),
-        ("adapter_layers", 0, 588_367.81, 20.3),
-    ],
-    columns=["strategy", "trainable (report)", "perplexity (report)", "improvement % (report)"],
-).set_index("strategy")
+REPORT_ROWS = [
+    ("freeze_lower_layers", 291, 81_680.74, 88.9),
+    ("freeze_embeddings", 291, 98_825.13, 86.6),
+    ("full_fine_tuning", 291, 195_018.19, 73.6),
+    ("adapter_layers", 0, 588_367.81, 20.3),
+]
 """The report's strategy table, as printed: its 'trainable params' are tensor counts, its perplexity is on one 8-token sequence."""
+
+
+def report_table() -> pd.DataFrame:
+    """Return the report's strategy table (REPORT_ROWS) indexed by strategy."""
+    import pandas as pd
+
+    columns = ["strategy", "trainable (report)", "perplexity (report)", "improvement % (report)"]
+    return pd.DataFrame(REPORT_ROWS, columns=columns).set_index("strategy")
+
+
+def _registry() -> dict:
+    from . import lora, unfreezing  # noqa: F401  (importing them registers their strategies)
+    from .strategies import STRATEGIES
+
+    return STRATEGIES
 
 
 def strategies() -> list[str]:
     """Return every registered strategy name, the notebooks' order first."""
-    return [s for s in ORDER if s in STRATEGIES] + sorted(set(STRATEGIES) - set(ORDER))
+    registry = _registry()
+    return [s for s in ORDER if s in registry] + sorted(set(registry) - set(ORDER))
 
 
 def learning_rate(strategy: str) -> float:
@@ -55,7 +69,9 @@ def learning_rate(strategy: str) -> float:
 def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None, steps: int | None = None,
                  progress: bool = True, save: bool = False) -> dict:
     """Return the result record of `strategy` trained with the shared recipe (optionally a different number of steps)."""
-    if strategy not in STRATEGIES:
+    from .experiment import recipe_config, run_experiment
+
+    if strategy not in _registry():
         raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(strategies())}.")
     overrides = {"lr": learning_rate(strategy), "progress": progress}
     if steps is not None:
@@ -73,6 +89,8 @@ def is_current(result: dict, name: str) -> bool:
 
 def collect_results(names: list[str] | None = None, *, folder: str | Path | None = None, compute_missing: bool = True) -> dict[str, dict]:
     """Return {strategy: result} read from results/*.json, running (and saving) the strategies whose file is missing or stale."""
+    from .experiment import load_results, save_result
+
     names = names or strategies()
     found = load_results(folder)
     results: dict[str, dict] = {}
@@ -88,18 +106,29 @@ def collect_results(names: list[str] | None = None, *, folder: str | Path | None
     return results
 
 
+BASELINE_RTOL = 1e-4
+"""Relative tolerance within which two results share one baseline: machines differ in the last digits, models do not."""
+
+
+def same_baseline(results: dict[str, dict], rtol: float = BASELINE_RTOL) -> float:
+    """Return the baseline test perplexity shared by `results` (their mean), or raise if two differ by more than `rtol`."""
+    values = sorted(float(r["baseline_test_ppl"]) for r in results.values())
+    if values[-1] - values[0] > rtol * values[0]:
+        raise ValueError(
+            f"The results disagree on the baseline test perplexity ({values[0]:.6f} ... {values[-1]:.6f}, more than a "
+            f"relative {rtol:g} apart): they come from different models, tokenizers or test texts and cannot share one "
+            "table. Re-run them with the same model and corpus."
+        )
+    return sum(values) / len(values)
+
+
 def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
     """Return one row per strategy (plus the untrained baseline): trainable parameters, cost and perplexities."""
+    import pandas as pd
+
     if not results:
         raise ValueError("No results to compare: run at least one strategy (helpers.compare.run_strategy).")
-    baselines = {round(r["baseline_test_ppl"], 6) for r in results.values()}
-    if len(baselines) > 1:
-        raise ValueError(
-            f"The results disagree on the baseline test perplexity ({sorted(baselines)}): they come from different "
-            "models or test texts and cannot share one table. Re-run them with the same model and corpus."
-        )
-    first = next(iter(results.values()))
-    baseline = first["baseline_test_ppl"]
+    baseline = same_baseline(results)
     rows = [{
         "strategy": "baseline (no training)", "trainable params": 0, "trainable %": 0.0,
         "trainable tensors": 0, "lr": float("nan"), "train tokens": 0, "train s": float("nan"), "tokens/s": float("nan"),
@@ -128,7 +157,7 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
 def report_side_by_side(results: dict[str, dict]) -> pd.DataFrame:
     """Return the report's four strategies beside ours: what it called trainable, its perplexity and improvement, and ours."""
     ours = comparison_table(results)
-    table = REPORT.copy()
+    table = report_table()
     names = [n for n in table.index if n in ours.index]
     table = table.loc[names]
     table["trainable tensors (ours)"] = ours.loc[names, "trainable tensors"]
@@ -144,6 +173,8 @@ COLUMN_FORMATS: dict[str, str] = {"lr": "g"}
 
 def markdown_table(table: pd.DataFrame, *, floatfmt: str = ",.2f") -> str:
     """Return `table` as a GitHub Markdown table (index first), numbers right-aligned."""
+    import pandas as pd
+
     frame = table.reset_index()
 
     def cell(v, column: str) -> str:
@@ -173,12 +204,16 @@ def write_table(table: pd.DataFrame, out: str | Path, *, stem: str = "comparison
 
 
 def _figure(width: float = 6.5, height: float = 3.8) -> tuple[Figure, object]:
+    from .plotting import new_figure
+
     fig = new_figure(width, height)
     return fig, fig.add_subplot()
 
 
 def plot_loss_curves(results: dict[str, dict], *, column: str = "val_loss") -> Figure:
     """Return one figure with the validation (or train) loss of every strategy against training tokens seen."""
+    import pandas as pd
+
     fig, ax = _figure()
     for i, (name, r) in enumerate(results.items()):
         history = pd.DataFrame(r["history"]).dropna(subset=[column])
@@ -235,8 +270,11 @@ def run_comparison(names: list[str] | None = None, *, steps: int | None = None, 
     """Return the comparison table of `names` (default: all strategies), writing CSV, Markdown and per-strategy JSON to `out`."""
     from tqdm.auto import tqdm
 
+    from .data import load_corpus
+    from .experiment import save_result
+
     names = names or strategies()
-    unknown = [n for n in names if n not in STRATEGIES]
+    unknown = [n for n in names if n not in _registry()]
     if unknown:
         raise ValueError(f"Unknown strategies {unknown}. Valid strategies: {', '.join(strategies())}.")
     if steps is not None and steps < 1:
@@ -256,6 +294,8 @@ def run_comparison(names: list[str] | None = None, *, steps: int | None = None, 
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .models import default_model_name
+
     parser = argparse.ArgumentParser(
         prog="python -m helpers.compare",
         description=(
@@ -265,7 +305,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--strategies", nargs="+", metavar="NAME", default=None,
-                        help=f"strategies to compare, space-separated; choose from: {', '.join(strategies())} "
+                        help=f"strategies to compare, space-separated; choose from: {', '.join(ORDER)} "
                              "(default: all of them)")
     parser.add_argument("--steps", type=int, default=RECIPE["steps"],
                         help=f"optimizer steps per strategy, each of {RECIPE['batch_size']} blocks of "
@@ -285,6 +325,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `helpers-compare`; return the exit status (0 on success)."""
     args = _parser().parse_args(argv)
+    import matplotlib
+
     matplotlib.use("Agg")  # no figures here, but a headless machine must never try to open a window
     from .models import quiet_transformers
 

@@ -98,28 +98,62 @@ def as_list(texts: str | list[str]) -> list[str]:
     return docs
 
 
+DOCUMENT_SEPARATOR = "\n\n"
+"""What joins documents into one text: a blank line, as the transformers perplexity guide joins its test set."""
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Return the special-token ids the tokenizer puts in front of every text by default ([BOS], or nothing).
+
+    Llama-2/3, Gemma and Mistral tokenizers add a BOS token; GPT-2, Qwen2 and SmolLM2 add nothing. This is the one rule every helper follows, in evaluation and in training alike:
+
+    * the text is tokenized *without* special tokens, its documents joined by DOCUMENT_SEPARATOR (plain text: an
+      instruct model's turn-end token such as ``<|im_end|>`` is a chat control, not a document separator, and is never
+      fed, scored or trained on);
+    * every window or training block the model reads starts with this prefix, as the model saw in pre-training; the
+      prefix is context only, never a target;
+    * special tokens the tokenizer would append (a default EOS) are left out: they are not part of the text.
+
+    So for a text that fits one window, ``helpers.perplexity`` equals ``exp(model(ids, labels=ids).loss)`` with
+    ``ids = tokenizer(text).input_ids`` (the tokenizer's defaults), as long as the tokenizer appends nothing.
+    """
+    probe = "a b"
+    with_special = list(tokenizer(probe)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    # A tokenizer whose special tokens change how the text itself splits: fall back on its declared BOS.
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and with_special[:1] == [bos] and plain[:1] != [bos] else []
+
+
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: str | list[str]) -> torch.Tensor:
-    """Return one 1-D tensor of token ids: the documents concatenated, each followed by EOS."""
+    """Return one 1-D tensor of the text's token ids, documents joined by a blank line, no special tokens (see special_prefix)."""
     docs = as_list(texts)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.extend(eos)
+    # verbose=False: the whole corpus is longer than a model's window on purpose; it is cut into windows later.
+    ids = tokenizer(DOCUMENT_SEPARATOR.join(docs), add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_blocks(ids: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Return a [n_blocks, block_size] tensor of consecutive non-overlapping blocks (the tail is dropped)."""
-    if block_size < 2:
-        raise ValueError(f"block_size must be at least 2 (one input and one target); got {block_size}.")
-    n = ids.numel() // block_size
+def make_blocks(ids: torch.Tensor, block_size: int, prefix: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+    """Return a [n_blocks, block_size] tensor: `prefix` then block_size - len(prefix) consecutive text tokens per row (tail dropped)."""
+    n_text = block_size - len(prefix)
+    if block_size < 2 or n_text < 1:
+        raise ValueError(
+            f"block_size must be at least 2 (one input and one target) and longer than the {len(prefix)}-token "
+            f"prefix; got {block_size}."
+        )
+    n = ids.numel() // n_text
     if n == 0:
         raise ValueError(
             f"The text has {ids.numel()} tokens, fewer than one block of {block_size}. "
             "Use a smaller block_size or more text."
         )
-    return ids[: n * block_size].view(n, block_size)
+    blocks = ids[: n * n_text].view(n, n_text)
+    if prefix:
+        blocks = torch.cat([torch.tensor(list(prefix), dtype=ids.dtype).expand(n, -1), blocks], dim=1)
+    return blocks
 
 
 def make_dataloader(
@@ -131,7 +165,7 @@ def make_dataloader(
     shuffle: bool = True,
     seed: int = 0,
 ) -> DataLoader:
-    """Return a DataLoader of [batch, block_size] token blocks made from `texts`, shuffled reproducibly."""
-    blocks = make_blocks(tokenize(tokenizer, texts), block_size)
+    """Return a DataLoader of [batch, block_size] token blocks of `texts` (each led by the special prefix), shuffled reproducibly."""
+    blocks = make_blocks(tokenize(tokenizer, texts), block_size, special_prefix(tokenizer))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(blocks), batch_size=batch_size, shuffle=shuffle, generator=generator)

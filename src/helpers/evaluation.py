@@ -8,27 +8,30 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .data import make_blocks, tokenize
+from .data import make_blocks, special_prefix, tokenize
 
 
-def windows(n_tokens: int, block_size: int, stride: int | None = None) -> list[tuple[int, int, int]]:
-    """Return (begin, end, n_context) per window: tokens begin..end are fed, the first n_context are context only.
+def windows(n_tokens: int, block_size: int, stride: int | None = None, *, n_prefix: int = 0) -> list[tuple[int, int, int]]:
+    """Return (begin, end, n_context) per window: text tokens begin..end are fed after the prefix, the first n_context as context only.
 
-    With stride = block_size (the default) the windows do not overlap and every token but the first of
-    each window is predicted. A smaller stride re-feeds block_size - stride tokens of context so each
-    scored token sees more history (the sliding window of the transformers perplexity guide).
+    Each window holds block_size tokens: an `n_prefix`-token special prefix (a BOS, see `special_prefix`), then up to
+    block_size - n_prefix text tokens. With the default stride the windows do not overlap; without a prefix the first
+    token of each window has nothing to be predicted from, with one it is predicted from the BOS. A smaller stride
+    re-feeds block_size - n_prefix - stride tokens of context so each scored token sees more history (the sliding
+    window of the transformers perplexity guide).
     """
-    if block_size < 2:
-        raise ValueError(f"block_size must be at least 2; got {block_size}.")
-    stride = block_size if stride is None else stride
-    if not 1 <= stride <= block_size:
-        raise ValueError(f"stride must be between 1 and block_size ({block_size}); got {stride}.")
+    span_len = block_size - n_prefix
+    if block_size < 2 or span_len < 1:
+        raise ValueError(f"block_size must be at least 2 and longer than the {n_prefix}-token prefix; got {block_size}.")
+    stride = span_len if stride is None else stride
+    if not 1 <= stride <= span_len:
+        raise ValueError(f"stride must be between 1 and block_size ({span_len} text tokens per window); got {stride}.")
     spans, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
-        end = min(begin + block_size, n_tokens)
+        end = min(begin + span_len, n_tokens)
         # Tokens before prev_end were already scored; they are fed only as context.
         n_context = max(prev_end - begin, 0)
-        if end - begin >= 2 and end > prev_end:
+        if n_prefix + end - begin >= 2 and end > prev_end:
             spans.append((begin, end, n_context))
         prev_end = end
         if end == n_tokens:
@@ -44,13 +47,22 @@ def token_nll(
     block_size: int = 256,
     stride: int | None = None,
     batch_size: int = 8,
+    prefix: list[int] | tuple[int, ...] = (),
     progress: bool | None = None,
 ) -> tuple[float, int]:
-    """Return (summed negative log-likelihood in nats, number of predicted tokens) over the 1-D `ids`."""
-    if ids.numel() < 2:
-        raise ValueError(f"Perplexity needs at least 2 tokens (one input, one target); got {ids.numel()}.")
+    """Return (summed negative log-likelihood in nats, number of predicted tokens) over the 1-D text `ids`.
+
+    Every window is fed as `prefix` + text tokens (see `windows`); the prefix is context and never scored.
+    """
+    if ids.numel() + len(prefix) < 2:
+        raise ValueError(
+            f"Perplexity needs at least 2 tokens (one input, one target); the text has {ids.numel()} "
+            f"and the tokenizer's prefix {len(prefix)}. Pass a longer text."
+        )
     device = next(model.parameters()).device
-    spans = windows(ids.numel(), block_size, stride)
+    n_prefix = len(prefix)
+    spans = windows(ids.numel(), block_size, stride, n_prefix=n_prefix)
+    head = torch.tensor(list(prefix), dtype=ids.dtype)
     # Batch windows of equal length together: no padding, so every forward is one dense full-sequence pass.
     groups: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
@@ -61,12 +73,12 @@ def token_nll(
     model.eval()
     total_nll, total_tokens = 0.0, 0
     for batch in tqdm(batches, desc="perplexity", disable=not show, leave=False):
-        x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
+        x = torch.stack([torch.cat([head, ids[b:e]]) for b, e, _ in batch]).to(device)
         logits = model(input_ids=x, use_cache=False).logits.float()
         targets = x[:, 1:].clone()
         for row, (_, _, n_context) in enumerate(batch):
-            # Target position j predicts token j+1; tokens 1..n_context-1 were scored by an earlier window.
-            targets[row, : max(n_context - 1, 0)] = -100
+            # Target j is the token at fed position j+1: the prefix and the re-fed context are not scored.
+            targets[row, : max(n_prefix + n_context - 1, 0)] = -100
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         total_nll += nll.item()
         total_tokens += int((targets != -100).sum())
@@ -84,8 +96,13 @@ def perplexity(
     batch_size: int = 8,
     progress: bool | None = None,
 ) -> float:
-    """Return exp of the token-weighted mean negative log-likelihood of `texts` under `model`."""
-    nll, n = token_nll(model, tokenize(tokenizer, texts), block_size=block_size, stride=stride, batch_size=batch_size, progress=progress)
+    """Return exp of the token-weighted mean negative log-likelihood of the text tokens of `texts` under `model`.
+
+    The text is read as the model was trained to read it (see `helpers.data.special_prefix`): documents joined by a
+    blank line, the tokenizer's BOS (if it adds one) in front of every window as unscored context, no chat tokens.
+    """
+    nll, n = token_nll(model, tokenize(tokenizer, texts), block_size=block_size, stride=stride, batch_size=batch_size,
+                       prefix=special_prefix(tokenizer), progress=progress)
     return math.exp(nll / n)
 
 
@@ -99,7 +116,10 @@ def window_perplexities(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Return the perplexity of every non-overlapping `block_size`-token window of `texts`, one value per window."""
-    blocks = make_blocks(tokenize(tokenizer, texts), block_size)
+    prefix = special_prefix(tokenizer)
+    blocks = make_blocks(tokenize(tokenizer, texts), block_size, prefix)
+    # The first scored position: the first text token after a prefix, else the window's second token.
+    start = max(len(prefix), 1)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -107,7 +127,7 @@ def window_perplexities(
     for x in blocks.split(batch_size):
         x = x.to(device)
         logits = model(input_ids=x, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+        nll = F.cross_entropy(logits[:, start - 1 : -1].transpose(1, 2), x[:, start:], reduction="none")
         values.append(nll.mean(dim=1).exp().cpu())
     model.train(was_training)
     return torch.cat(values)

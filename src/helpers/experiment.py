@@ -10,31 +10,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import Corpus, load_corpus, make_dataloader
+from .data import Corpus, load_corpus, make_dataloader, special_prefix, tokenize
 from .evaluation import generate, perplexity
 from .models import cache_dir, default_model_name, load_model
 from .strategies import apply_strategy, count_parameters, count_tensors, trainable_map
+from .recipe import PROMPT, RECIPE
 from .training import TrainConfig, train
-
-RECIPE: dict = {
-    "block_size": 128,        # tokens per training block
-    "batch_size": 4,          # blocks per optimizer step
-    "steps": 50,              # optimizer steps: 50 x 4 x 128 = 25,600 training tokens for every strategy
-    "lr": 2e-4,               # chosen on validation ppl of full fine-tuning: 2e-4 beat 3e-4 and 5e-4 (and 1e-3 by far)
-    "warmup_steps": 3,
-    "min_lr_ratio": 0.1,
-    "grad_clip": 1.0,
-    "weight_decay": 0.0,
-    "eval_every": 10,         # validation on a few fixed blocks during training ...
-    "eval_batches": 2,        # ... (2 x 4 x 128 tokens); full validation and test perplexity once at the end
-    "eval_block_size": 256,   # window of the final perplexity
-    "seed": 0,
-    "max_new_tokens": 40,
-}
-"""The one training recipe shared by every strategy, so their results compare at an equal token budget."""
-
-PROMPT = "In Rust, a borrowed reference"
-"""The prompt every notebook completes before and after training."""
 
 
 def results_dir() -> Path:
@@ -64,8 +45,8 @@ def recipe_data(tokenizer, corpus: Corpus | None = None) -> tuple[DataLoader, Da
     return train_data, val_data
 
 
-def _fingerprint(model: nn.Module, texts: list[str]) -> str:
-    """Return a hash of the model's class, config and weights and of the text: the key of a cached perplexity."""
+def _fingerprint(model: nn.Module, tokenizer, texts: list[str]) -> str:
+    """Return a hash of the model's class, config and weights and of the tokens it reads: the key of a cached perplexity."""
     digest = hashlib.sha256()
     unwrapped = getattr(model, "config", None)
     digest.update(type(model).__name__.encode())
@@ -73,15 +54,16 @@ def _fingerprint(model: nn.Module, texts: list[str]) -> str:
     with torch.no_grad():
         for p in model.parameters():
             digest.update(f"{p.double().sum().item():.12e}".encode())
-    for t in texts:
-        digest.update(hashlib.sha256(t.encode()).digest())
+    # The token ids, prefix included, rather than the text: a change of tokenizer or of the tokenization rule is a new key.
+    digest.update(str(special_prefix(tokenizer)).encode())
+    digest.update(tokenize(tokenizer, texts).numpy().tobytes())
     digest.update(str(RECIPE["eval_block_size"]).encode())
     return digest.hexdigest()[:24]
 
 
 def baseline_perplexity(model: nn.Module, tokenizer, texts: list[str], *, cache: bool = True) -> float:
     """Return the perplexity of the untrained `model` on `texts`, cached on disk by model weights + text hash."""
-    path = cache_dir() / "perplexity" / f"{_fingerprint(model, texts)}.json"
+    path = cache_dir() / "perplexity" / f"{_fingerprint(model, tokenizer, texts)}.json"
     if cache and path.is_file():
         return float(json.loads(path.read_text())["perplexity"])
     ppl = perplexity(model, tokenizer, texts, block_size=RECIPE["eval_block_size"])
