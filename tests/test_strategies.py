@@ -239,3 +239,89 @@ def test_meta_model_needs_no_memory():
     per_block = helpers.trainable_map(big).loc["block 23", "parameters"]
     assert helpers.count_parameters(big)[0] == 2 * per_block + 896
     assert torch.device("meta") == next(big.parameters()).device
+
+
+def test_final_norm_registered_before_the_blocks_is_found():
+    # OPT registers its final norm before the block list; registration order must not hide it.
+    model = tiny_model("llama")
+    inner = model.model
+    inner._modules = {k: inner._modules[k] for k in ("embed_tokens", "norm", "layers", "rotary_emb")}
+    assert helpers.find_layers(model).final_norm is inner.norm
+    helpers.apply_strategy(model, "adapter_layers")
+    assert all(p.requires_grad for p in inner.norm.parameters())
+
+
+def test_an_embedding_norm_before_the_blocks_is_not_the_final_norm():
+    # BLOOM normalises its embeddings before the blocks and has ln_f after them.
+    model = tiny_model("llama")
+    inner = model.model
+    inner.embeddings_norm = nn.LayerNorm(32)
+    inner._modules = {k: inner._modules[k] for k in ("embed_tokens", "embeddings_norm", "layers", "norm", "rotary_emb")}
+    layers = helpers.find_layers(model)
+    assert layers.final_norm is inner.norm
+    assert {id(p) for p in layers.other} == {id(p) for p in inner.embeddings_norm.parameters()}
+
+
+def _olmo_like() -> nn.Module:
+    """Return tiny Llama with OLMo's final norm: a LayerNorm without weights."""
+    model = tiny_model("llama")
+    model.model.norm = nn.LayerNorm(32, elementwise_affine=False)
+    return model
+
+
+def test_parameter_free_final_norm_is_found_and_has_nothing_to_train():
+    model = _olmo_like()
+    layers = helpers.find_layers(model)
+    assert layers.final_norm is model.model.norm and not list(layers.final_norm.parameters())
+    assert helpers.describe_layers(model)["final norm"] == "model.norm (LayerNorm)"
+    for strategy in sorted(STRATEGIES):
+        assert helpers.apply_strategy(_olmo_like(), strategy).strategy_info.name == strategy
+    helpers.apply_strategy(model, "adapter_layers")
+    with_weights = helpers.apply_strategy(tiny_model("llama"), "adapter_layers")
+    assert helpers.count_parameters(model)[0] == helpers.count_parameters(with_weights)[0] - 32
+    assert helpers.trainable_map(model).loc["final norm", "parameters"] == 0
+
+
+def test_no_final_norm_at_all():
+    # A post-norm model (GPT-1) has no final norm: find_layers says None and the strategies train the rest.
+    model = tiny_model("llama")
+    model.model.norm = nn.Identity()
+    assert helpers.find_layers(model).final_norm is None
+    helpers.apply_strategy(model, "adapter_layers")
+    assert model.strategy_info.name == "adapter_layers"
+    assert list(helpers.trainable_map(model).index)[-2:] == ["final norm", "head"]
+
+
+def test_tensors_outside_the_parts_train_only_with_the_whole_model():
+    model = tiny_model("llama")
+    model.model.mixer = nn.Linear(32, 32)
+    extra = {id(p) for p in model.model.mixer.parameters()}
+    assert {id(p) for p in helpers.find_layers(model).other} == extra
+    expected = {"full_fine_tuning": True, "freeze_embeddings": True, "freeze_lower_layers": False, "adapter_layers": False}
+    for strategy, trains in expected.items():
+        helpers.apply_strategy(model, strategy)
+        assert all(p.requires_grad == trains for p in model.model.mixer.parameters()), strategy
+    assert helpers.trainable_map(model).loc["other", "parameters"] == 32 * 32 + 32
+
+
+def test_a_tensor_shared_by_a_frozen_and_a_trained_block_stays_frozen():
+    # Zamba shares one attention block between layers; freezing wins, as for a tied head.
+    model = tiny_model("llama")
+    shared = model.model.layers[0].mlp.up_proj.weight
+    model.model.layers[3].mlp.up_proj.weight = shared
+    helpers.apply_strategy(model, "freeze_lower_layers", n_frozen=1)
+    assert not shared.requires_grad
+    assert model.model.layers[3].mlp.down_proj.weight.requires_grad
+
+
+def test_block_list_counted_by_another_config_field():
+    # LongCat-Flash's num_hidden_layers counts two sub-layers per block; its list has config.num_layers blocks.
+    model = tiny_model("llama")
+    model.config.num_layers = 4
+    model.config.num_hidden_layers = 8
+    assert helpers.find_layers(model).blocks is model.model.layers
+
+
+def test_apply_strategy_to_something_that_is_not_a_model():
+    with pytest.raises(ValueError, match="needs a torch nn.Module.*str"):
+        helpers.apply_strategy("Qwen/Qwen2-0.5B", "full_fine_tuning")

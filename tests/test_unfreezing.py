@@ -74,3 +74,14 @@ def test_on_step_unfreezes_at_the_next_training_forward():
 def test_bad_options_name_the_problem(options, message):
     with pytest.raises(ValueError, match=message):
         apply_strategy(tiny_model("gpt2"), "gradual_unfreezing", **options)
+
+
+def test_tensors_outside_the_parts_unfreeze_last():
+    model = tiny_model("llama")
+    model.model.mixer = torch.nn.Linear(32, 32)
+    model = apply_strategy(model, "gradual_unfreezing", every=1)
+    label, params = unfreezing_stages(model)[-1]
+    assert label == "other" and {id(p) for p in params} == {id(p) for p in model.model.mixer.parameters()}
+    groups = model.strategy_info.param_groups(model, 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len({id(p) for p in model.parameters()})
+    assert not any(p.requires_grad for p in model.model.mixer.parameters())

@@ -64,7 +64,12 @@ __all__ = [
 ]
 
 
+_SUBMODULES = {*_EXPORTS, "compare", "recipe", "widgets"}
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:  # `helpers.compare.main` works without importing helpers.compare first
+        return importlib.import_module(f".{name}", __name__)
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'helpers' has no attribute {name!r}")

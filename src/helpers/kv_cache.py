@@ -1,7 +1,7 @@
 """The KV cache: what it holds, the report's token-by-token "fix" and its cost, and where a cache belongs."""
 from __future__ import annotations
 
-import statistics
+import inspect
 import time
 
 import pandas as pd
@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from .device import synchronize
+from .strategies import unwrap
 
 MODES = ("full", "token_by_token")
 """The two ways of getting every position's logits: one forward over the sequence, or one forward per token."""
@@ -51,19 +52,53 @@ def logits_full_sequence(
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def _forward_parameters(model: PreTrainedModel) -> set[str]:
+    # A peft wrapper forwards keyword arguments to the transformers model inside; read that one's signature.
+    return set(inspect.signature(unwrap(model).forward).parameters)
+
+
+def _cache_argument(model: PreTrainedModel) -> str:
+    """Return the forward argument that carries the model's cache between calls: 'cache', or RWKV's 'state'."""
+    accepted = _forward_parameters(model)
+    for name in ("cache", "past_key_values", "state"):
+        if name in accepted:
+            return name
+    raise ValueError(
+        f"{type(model).__name__} takes no cache argument in forward (no cache, past_key_values or state), so it "
+        "cannot decode token by token: each step would see only its own token. Compute its logits with "
+        "logits_full_sequence instead."
+    )
+
+
 def logits_token_by_token(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Return [batch, seq, vocab] logits the report's way: a fresh cache, one forward per token at its position."""
     input_ids = _check_inputs(model, input_ids)
     batch, seq = input_ids.shape
-    cache = DynamicCache(config=model.config)
+    argument = _cache_argument(model)
+    # Models whose forward takes no position ids (RWKV, Mamba, CPM-Ant) count positions in their cache themselves.
+    positions = "position_ids" in _forward_parameters(model)
+    # The first forward builds the cache the model needs (a DynamicCache, or MiniMax's, or RWKV's state); each later
+    # forward gets back what the one before returned.
+    cache = None
     steps = []
     for pos in range(seq):
-        out = model(
-            input_ids=input_ids[:, pos : pos + 1],
-            position_ids=_positions(batch, pos, 1, input_ids.device),
-            cache=cache,
-            use_cache=True,
-        )
+        kwargs = {argument: cache} if cache is not None else {}
+        if positions:
+            kwargs["position_ids"] = _positions(batch, pos, 1, input_ids.device)
+        out = model(input_ids=input_ids[:, pos : pos + 1], use_cache=True, **kwargs)
+        cache = out.get(argument) if argument != "past_key_values" else out.get("past_key_values", out.get("cache"))
+        if cache is None:
+            raise ValueError(
+                f"{type(model).__name__} returned no cache from forward(use_cache=True), so the next token could not "
+                "attend to this one. Compute its logits with logits_full_sequence instead."
+            )
+        if out.logits.shape[:2] != (batch, 1):
+            # CPM-Ant keeps its prompt in the cache and returns no logits for a second single token.
+            raise ValueError(
+                f"{type(model).__name__} returned logits of shape {list(out.logits.shape)} for one new token at "
+                f"position {pos} (expected [{batch}, 1, vocab]): its cache does not support decoding token by token. "
+                "Compute its logits with logits_full_sequence instead."
+            )
         steps.append(out.logits)
     return torch.cat(steps, dim=1)
 
@@ -225,8 +260,14 @@ def _logits(model: PreTrainedModel, input_ids: torch.Tensor, mode: str) -> torch
     raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
 
 
-def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode: str, *, repeats: int = 1) -> float:
-    """Return the median seconds of one training step's forward + backward (next-token loss) in `mode`."""
+def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode: str, *, repeats: int = 1,
+                          budget_s: float | None = None) -> float:
+    """Return the fastest of `repeats` timings (seconds) of one training step's forward + backward in `mode`.
+
+    The minimum, not the mean or median: other work on a busy machine only ever adds time, so the fastest run is the
+    one closest to what the step itself costs. With `budget_s`, repeating stops once that many seconds are spent
+    (after at least one run), so a slow mode is timed once and a fast one several times.
+    """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
     if not any(p.requires_grad for p in model.parameters()):
@@ -235,9 +276,11 @@ def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode:
     device = _device(model)
     was_training = model.training
     model.train()
-    times = []
+    times: list[float] = []
     try:
         for _ in range(repeats):
+            if budget_s is not None and times and sum(times) >= budget_s:
+                break
             model.zero_grad(set_to_none=True)
             synchronize(device)
             start = time.perf_counter()
@@ -248,7 +291,7 @@ def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode:
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return statistics.median(times)
+    return min(times)
 
 
 def timing_sweep(
@@ -257,10 +300,14 @@ def timing_sweep(
     *,
     repeats: int = 3,
     token_repeats: int = 1,
+    token_budget_s: float | None = None,
     batch: int = 1,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Return seconds of forward + backward per sequence length for both modes and their ratio (token by token / full)."""
+    """Return seconds of forward + backward per sequence length for both modes and their ratio (token by token / full).
+
+    Each is the fastest of its repeats (`repeats` full passes; up to `token_repeats` loops, within `token_budget_s`).
+    """
     vocab = model.config.get_text_config(decoder=True).vocab_size
     generator = torch.Generator().manual_seed(0)
     # The first passes pay for allocations and kernel selection; keep them out of the table.
@@ -270,7 +317,7 @@ def timing_sweep(
     for n in tqdm(list(lengths), desc="T", disable=not progress, leave=False):
         ids = torch.randint(vocab, (batch, n), generator=generator)
         full = time_forward_backward(model, ids, "full", repeats=repeats)
-        token = time_forward_backward(model, ids, "token_by_token", repeats=token_repeats)
+        token = time_forward_backward(model, ids, "token_by_token", repeats=token_repeats, budget_s=token_budget_s)
         rows.append({"T": n, "full (s)": full, "token by token (s)": token, "ratio": token / full})
     return pd.DataFrame(rows).set_index("T")
 

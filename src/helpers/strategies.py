@@ -1,6 +1,7 @@
 """Which parts of a decoder-only model train: find the parts structurally, freeze by strategy, count what trains."""
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -13,13 +14,19 @@ _NORM_TYPES = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t
 
 @dataclass
 class LayerMap:
-    """The parts of a decoder-only causal LM, found by structure rather than by parameter names."""
+    """The parts of a decoder-only causal LM, found by structure rather than by parameter names.
+
+    `final_norm` may be None (a post-norm model such as GPT-1 has none) or a module without parameters (OLMo's
+    non-parametric LayerNorm): then there is nothing in it to train. `other` holds the tensors outside these parts
+    (an embedding LayerNorm, a hyper-connection mixer, ...): they train only when everything but the embeddings does.
+    """
 
     embeddings: list[nn.Module]
     blocks: nn.ModuleList
     final_norm: nn.Module | None
     head: nn.Module
     tied: bool
+    other: list[nn.Parameter] = field(default_factory=list)
 
     def parts(self) -> list[tuple[str, list[nn.Module]]]:
         """Return (part name, modules) bottom to top: embeddings, block 0 .. n-1, final norm, head."""
@@ -53,8 +60,34 @@ def _cannot(model: nn.Module, why: str) -> ValueError:
     )
 
 
+# Config fields that may give the length of the block list: num_hidden_layers first, then names families use
+# when num_hidden_layers counts something else (LongCat-Flash counts two sub-layers per block).
+_LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
+
+
+def _final_norm(parent: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """Return the norm applied to the top block's output: found among the blocks' siblings, with or without weights."""
+    children = list(parent.named_children())
+    at = next(i for i, (_, child) in enumerate(children) if child is blocks)
+    after = [child for _, child in children[at + 1:]]
+    # Most models register the final norm right after the blocks (GPT-2's ln_f, Llama's norm).
+    for child in after:
+        if _is_norm(child):
+            return child
+    # OPT registers it before the blocks; a norm there named for the embeddings (BLOOM's) normalises the input.
+    before = [child for name, child in children[:at] if _is_norm(child) and "emb" not in name.lower()]
+    if before:
+        return before[-1]
+    # Some keep it inside a module that runs after the blocks (a hyper-connection mixer with its own norm).
+    for child in after:
+        nested = next((m for m in child.modules() if m is not child and _is_norm(m)), None)
+        if nested is not None:
+            return nested
+    return None
+
+
 def find_layers(model: nn.Module) -> LayerMap:
-    """Return the LayerMap (embeddings, blocks, final norm, head, tied) of a decoder-only causal LM."""
+    """Return the LayerMap (embeddings, blocks, final norm, head, tied, other) of a decoder-only causal LM."""
     base = unwrap(model)
     if not isinstance(base, nn.Module):
         raise TypeError(f"find_layers needs a torch nn.Module; got {type(model).__name__}.")
@@ -63,8 +96,9 @@ def find_layers(model: nn.Module) -> LayerMap:
         config = config.get_text_config()
     if getattr(config, "is_encoder_decoder", False):
         raise _cannot(base, "it is an encoder-decoder model, with two stacks of blocks")
-    n_blocks = getattr(config, "num_hidden_layers", None)
-    if not isinstance(n_blocks, int) or n_blocks < 1:
+    counts = [getattr(config, key, None) for key in _LAYER_COUNTS]
+    counts = [n for n in counts if isinstance(n, int) and not isinstance(n, bool) and n >= 1]
+    if not counts:
         raise _cannot(base, "it has no config.num_hidden_layers")
     get_in, get_out = getattr(base, "get_input_embeddings", None), getattr(base, "get_output_embeddings", None)
     token = get_in() if callable(get_in) else None
@@ -75,9 +109,15 @@ def find_layers(model: nn.Module) -> LayerMap:
         raise _cannot(base, "get_output_embeddings() returned no head with a weight (is it a causal LM?)")
 
     names = {m: n for n, m in base.named_modules()}
-    lists = [m for m in names if isinstance(m, nn.ModuleList) and len(m) == n_blocks]
+    n_blocks = counts[0]
+    lists = []
+    for n in dict.fromkeys(counts):
+        lists = [m for m in names if isinstance(m, nn.ModuleList) and len(m) == n]
+        if lists:
+            n_blocks = n
+            break
     if not lists:
-        raise _cannot(base, f"no nn.ModuleList holds its {n_blocks} blocks")
+        raise _cannot(base, f"no nn.ModuleList holds its {counts[0]} blocks")
     # Several lists of that length would be unusual; the blocks are the one that holds the weights.
     blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
     if sum(p.numel() for p in blocks.parameters()) == 0:
@@ -85,14 +125,7 @@ def find_layers(model: nn.Module) -> LayerMap:
 
     block_name = names[blocks]
     parent = base.get_submodule(block_name.rpartition(".")[0]) if "." in block_name else base
-    # The final norm is the first norm registered after the blocks in their parent module.
-    final_norm, after = None, False
-    for child in parent.children():
-        if child is blocks:
-            after = True
-        elif after and _is_norm(child) and any(True for _ in child.parameters()):
-            final_norm = child
-            break
+    final_norm = _final_norm(parent, blocks)
 
     # A learned position embedding is any other nn.Embedding outside the blocks and the head (GPT-2's wpe).
     inside = {id(m) for m in blocks.modules()} | {id(m) for m in head.modules()}
@@ -101,7 +134,9 @@ def find_layers(model: nn.Module) -> LayerMap:
         if isinstance(m, nn.Embedding) and m is not token and id(m) not in inside and getattr(m, "weight", None) is not None
     ]
     tied = head.weight is getattr(token, "weight", None)
-    return LayerMap(embeddings=[token, *positions], blocks=blocks, final_norm=final_norm, head=head, tied=tied)
+    layers = LayerMap(embeddings=[token, *positions], blocks=blocks, final_norm=final_norm, head=head, tied=tied)
+    layers.other = _unmapped(base, layers)
+    return layers
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -165,6 +200,8 @@ def _options_of(fn: Callable) -> list[str]:
 
 def apply_strategy(model: nn.Module, name: str, **options) -> nn.Module:
     """Return the model ready to train under strategy `name`: requires_grad set, model.strategy_info attached."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"apply_strategy needs a torch nn.Module (a transformers causal LM); got {type(model).__name__}.")
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.")
     fn = STRATEGIES[name]
@@ -193,10 +230,13 @@ def _set(modules: list[nn.Module], flag: bool) -> None:
 
 
 def _freeze_all_but(model: nn.Module, layers: LayerMap, trainable: list[nn.Module]) -> None:
-    _set([model], False)
-    _set(trainable, True)
-    # Freezing wins: a head tied to the frozen token embedding is that same tensor, so it stays frozen.
-    _set(layers.embeddings, False)
+    keep = {id(p) for m in trainable for p in m.parameters()}
+    parts = [m for _, modules in layers.parts() for m in modules]
+    frozen = {id(p) for m in parts if not any(m is t for t in trainable) for p in m.parameters()}
+    # Freezing wins: a head tied to the frozen token embedding is that same tensor, so it stays frozen; so does a
+    # tensor that a frozen block shares with a trained one (Zamba's shared attention), and anything outside the parts.
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep and id(p) not in frozen)
 
 
 def _tied_note(layers: LayerMap, embeddings_frozen: bool) -> str:
@@ -278,6 +318,7 @@ def adapter_layers(model: nn.Module, *, n_top: int = 2) -> tuple[nn.Module, Stra
 
 
 def _unmapped(model: nn.Module, layers: LayerMap) -> list[nn.Parameter]:
+    """Return the model's unique tensors outside embeddings, blocks, final norm and head."""
     mapped = {id(p) for _, mods in layers.parts() for m in mods for p in m.parameters()}
     return [p for p in _unique_parameters(model) if id(p) not in mapped]
 
@@ -340,3 +381,9 @@ def describe_layers(model: nn.Module) -> dict[str, object]:
         "head": names[id(layers.head)],
         "tied": layers.tied,
     }
+
+
+# The strategies defined in other modules register themselves on import; import them here so that STRATEGIES and
+# apply_strategy know every one of them whichever helpers module a reader imported first. (Neither imports peft.)
+for _module in ("unfreezing", "lora"):
+    importlib.import_module(f"{__package__}.{_module}")

@@ -13,7 +13,10 @@ UNFREEZING_DEFAULTS: dict = {"every": 5, "factor": 2.6}
 
 
 def unfreezing_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-    """Return (label, parameters) top to bottom: head + final norm + top block first, then each lower block, then embeddings."""
+    """Return (label, parameters) top to bottom: head + final norm + top block, each lower block, embeddings, other.
+
+    "other" (last, when the model has any) holds the tensors outside embeddings, blocks, final norm and head.
+    """
     layers = find_layers(model)
     seen: set[int] = set()
 
@@ -34,6 +37,9 @@ def unfreezing_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     rest = params(layers.embeddings)
     if rest:
         stages.append(("embeddings", rest))
+    other = [p for p in layers.other if id(p) not in seen]
+    if other:
+        stages.append(("other", other))
     return stages
 
 
