@@ -49,8 +49,7 @@ def report_table() -> pd.DataFrame:
 
 
 def _registry() -> dict:
-    from . import lora, unfreezing  # noqa: F401  (importing them registers their strategies)
-    from .strategies import STRATEGIES
+    from .strategies import STRATEGIES  # importing strategies registers lora and gradual_unfreezing too
 
     return STRATEGIES
 

@@ -105,7 +105,8 @@ DOCUMENT_SEPARATOR = "\n\n"
 def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Return the special-token ids the tokenizer puts in front of every text by default ([BOS], or nothing).
 
-    Llama-2/3, Gemma and Mistral tokenizers add a BOS token; GPT-2, Qwen2 and SmolLM2 add nothing. This is the one rule every helper follows, in evaluation and in training alike:
+    Llama-2/3, Gemma and Mistral tokenizers add a BOS token; GPT-2, Qwen2 and SmolLM2 add nothing. This is the one
+    rule every helper follows, in evaluation and in training alike:
 
     * the text is tokenized *without* special tokens, its documents joined by DOCUMENT_SEPARATOR (plain text: an
       instruct model's turn-end token such as ``<|im_end|>`` is a chat control, not a document separator, and is never

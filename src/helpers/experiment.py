@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from .data import Corpus, load_corpus, make_dataloader, special_prefix, tokenize
 from .evaluation import generate, perplexity
 from .models import cache_dir, default_model_name, load_model
-from .strategies import apply_strategy, count_parameters, count_tensors, trainable_map
 from .recipe import PROMPT, RECIPE
+from .strategies import apply_strategy, count_parameters, count_tensors, trainable_map
 from .training import TrainConfig, train
 
 
