@@ -14,14 +14,20 @@ from typing import TYPE_CHECKING
 from .device import CPU_MEMORY_KEPT, available_devices, device_report, get_device, keep_freed_memory, matmul_gflops
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
+    "chapter": (
+        "StrategyRun", "setup", "start_run",
+    ),
     "data": (
         "DOCUMENT_SEPARATOR", "Corpus", "load_corpus", "make_blocks", "make_dataloader", "special_prefix", "tokenize",
     ),
     "evaluation": (
         "generate", "perplexity", "token_nll", "window_perplexities",
     ),
+    "device": (
+        "training_matmuls",
+    ),
     "memory": (
-        "training_memory",
+        "CUDA_CONTEXT_GIB", "training_memory",
     ),
     "models": (
         "DEFAULT_MODEL", "cache_dir", "checkpoint_tensor_names", "default_model_name", "heads_are_tied",
@@ -33,7 +39,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "recipe_config", "recipe_data", "results_dir", "run_experiment", "save_result",
     ),
     "plotting": (
-        "plot_history", "plot_timing", "plot_trainable_map",
+        "plot_history", "plot_timing", "plot_trainable_map", "plot_windows",
     ),
     "strategies": (
         "BASE_STRATEGIES", "STRATEGIES", "LayerMap", "StrategyInfo", "apply_strategy", "count_parameters",
@@ -83,14 +89,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # editors and type checkers see the plain imports
+    from .chapter import (
+        StrategyRun, setup, start_run,
+    )
     from .data import (
         DOCUMENT_SEPARATOR, Corpus, load_corpus, make_blocks, make_dataloader, special_prefix, tokenize,
     )
     from .evaluation import (
         generate, perplexity, token_nll, window_perplexities,
     )
+    from .device import (
+        training_matmuls,
+    )
     from .memory import (
-        training_memory,
+        CUDA_CONTEXT_GIB, training_memory,
     )
     from .models import (
         DEFAULT_MODEL, cache_dir, checkpoint_tensor_names, default_model_name, heads_are_tied, load_config,
@@ -101,7 +113,7 @@ if TYPE_CHECKING:  # editors and type checkers see the plain imports
         recipe_data, results_dir, run_experiment, save_result,
     )
     from .plotting import (
-        plot_history, plot_timing, plot_trainable_map,
+        plot_history, plot_timing, plot_trainable_map, plot_windows,
     )
     from .strategies import (
         BASE_STRATEGIES, STRATEGIES, LayerMap, StrategyInfo, apply_strategy, count_parameters, count_tensors,

@@ -5,7 +5,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import make_blocks, special_prefix, tokenize

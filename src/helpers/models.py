@@ -334,7 +334,7 @@ def _silent_transformers() -> Iterator[None]:
 def _convert(gguf: Path, folder: Path) -> None:
     """Write the dequantized model and its tokenizer into `folder`, showing one progress bar and nothing else."""
     import gguf as gguf_lib
-    from tqdm.auto import tqdm
+    from .progress import tqdm
     from transformers import modeling_gguf_pytorch_utils
 
     bar_format = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 HISTORY_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "seconds"]
 
@@ -246,7 +246,7 @@ def train(
         return val, math.exp(min(val, 700.0))
 
     bar = tqdm(total=config.steps, desc=f"train ({precision}{', checkpointing' if config.gradient_checkpointing else ''})",
-               disable=not config.progress, leave=False)
+               disable=not config.progress)
     stream = _batches(train_data)
     memory = _PeakMemory(device)
     try:

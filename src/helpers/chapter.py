@@ -1,0 +1,182 @@
+"""What every notebook does first (`setup`) and the pipeline notebooks 04-07 share after notebook 03 wrote it out."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .data import Corpus, load_corpus
+from .experiment import (
+    baseline_perplexity, complete, evaluate_splits, make_result, recipe_config, recipe_data, save_result,
+)
+from .models import load_model, quiet_transformers
+from .plotting import plot_history, plot_trainable_map
+from .recipe import PROMPT, RECIPE
+from .strategies import LayerMap, STRATEGIES as _STRATEGIES, apply_strategy, count_parameters, count_tensors, find_layers, trainable_map
+from .training import TrainConfig, changed_tensors, frozen_snapshot, train
+
+
+def _registry() -> dict:
+    return _STRATEGIES
+
+
+def setup(seed: int = 0) -> None:
+    """Return None after silencing transformers' chatter and seeding random, numpy and torch with `seed`."""
+    quiet_transformers()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StrategyRun:
+    """One strategy under the shared recipe, as notebook 03 does it by hand: build with `start`, then `finish`."""
+
+    strategy: str
+    model: nn.Module
+    tokenizer: object
+    corpus: Corpus
+    options: dict
+    config: TrainConfig
+    baseline_test_ppl: float
+    generation_before: str
+    frozen_before: dict = field(repr=False, default_factory=dict)
+    history: pd.DataFrame | None = field(repr=False, default=None)
+    evaluation: dict | None = None
+    generation_after: str | None = None
+    changed: list[str] | None = None
+    result: dict | None = field(repr=False, default=None)
+    path: Path | None = None
+
+    @property
+    def layers(self) -> LayerMap:
+        """Return the model's parts, found by structure (`find_layers`)."""
+        return find_layers(self.model)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Return the tokens one optimizer step reads under the recipe."""
+        return RECIPE["batch_size"] * RECIPE["block_size"] * self.config.grad_accum
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Return trainable and total parameters (unique elements) and tensors."""
+        trainable, total = count_parameters(self.model)
+        trainable_tensors, total_tensors = count_tensors(self.model)
+        return {"trainable": trainable, "total": total, "trainable_tensors": trainable_tensors,
+                "total_tensors": total_tensors}
+
+    def finish(self, *, save: bool = True, show: bool = True) -> "StrategyRun":
+        """Return this run after training, evaluating, generating, checking frozen tensors and saving the result."""
+        if self.history is not None:
+            raise ValueError(f"This {self.strategy} run has already been trained; call helpers.start_run again for a new one.")
+        train_data, val_data = recipe_data(self.tokenizer, self.corpus)
+        self.history = train(self.model, train_data, val_data, self.config)
+        if self.history.attrs["interrupted"]:
+            raise KeyboardInterrupt(f"Training of {self.strategy} was interrupted; nothing was evaluated or saved.")
+        self.evaluation = evaluate_splits(self.model, self.tokenizer, self.corpus)
+        self.generation_after = complete(self.model, self.tokenizer)
+        # Frozen means frozen: a tensor that moved by one bit is a bug in the strategy, so fail loudly.
+        self.changed = changed_tensors(self.model, self.frozen_before)
+        if self.changed:
+            raise AssertionError(f"{len(self.changed)} frozen tensors changed during training: {self.changed[:5]}")
+        self.result = make_result(
+            self.model, self.history, strategy=self.strategy, baseline_test_ppl=self.baseline_test_ppl,
+            evaluation=self.evaluation, generation_before=self.generation_before,
+            generation_after=self.generation_after,
+        )
+        self.result["trainable_map"] = trainable_map(self.model).reset_index().to_dict(orient="records")
+        if save:
+            self.path = save_result(self.result)
+        if show:
+            print(self.report())
+            plot_history(self.history, title=f"{self.strategy}: loss while training")
+            plt.show()
+        return self
+
+    def report(self) -> str:
+        """Return the compact text report of the run: counts, losses, perplexities, cost, generations, file."""
+        c = self.counts
+        lines = [f"{self.strategy}: {c['trainable']:,} of {c['total']:,} parameters trainable "
+                 f"({c['trainable'] / c['total']:.1%}), {c['trainable_tensors']} of {c['total_tensors']} tensors"]
+        if self.history is None:
+            lines.append(f"baseline test perplexity {self.baseline_test_ppl:.2f} (not trained yet: call .finish())")
+            return "\n".join(lines)
+        h, a = self.history, self.history.attrs
+        trained = h.dropna(subset=["train_loss"])["train_loss"]
+        checked = h.dropna(subset=["val_loss"])["val_loss"]
+        ev = self.evaluation
+        lines += [
+            f"trained {len(trained)} steps at lr {self.config.lr:g}: {a['tokens']:,} tokens in {a['train_seconds']:.0f} s "
+            f"({a['tokens_per_second']:.0f} tokens/s), peak memory {a['peak_memory_mb']:,.0f} MB",
+            f"loss: train {trained.iloc[:5].mean():.3f} -> {trained.iloc[-5:].mean():.3f} (mean of first/last 5 steps), "
+            f"validation {checked.iloc[0]:.3f} -> {checked.iloc[-1]:.3f}",
+            f"perplexity: validation {ev['val_ppl']:.2f}; test {self.baseline_test_ppl:.2f} -> {ev['test_ppl']:.2f} "
+            f"({ev['test_ppl'] / self.baseline_test_ppl:.3f} x the baseline)",
+            f"frozen tensors unchanged: {len(self.frozen_before) - len(self.changed)} of {len(self.frozen_before)}",
+            f"prompt {PROMPT!r}",
+            f"  before: {self.generation_before!r}",
+            f"  after:  {self.generation_after!r}",
+        ]
+        if self.path is not None:
+            lines.append(f"saved {self.path.parent.name}/{self.path.name}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.report()
+
+
+def _check_context(model: nn.Module) -> None:
+    """Raise ValueError if `model` cannot read the recipe's blocks and evaluation windows."""
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context is not None and context < max(RECIPE["block_size"], RECIPE["eval_block_size"]):
+        raise ValueError(
+            f"{type(model).__name__} reads at most {context} positions, but the recipe trains on "
+            f"{RECIPE['block_size']}-token blocks and evaluates {RECIPE['eval_block_size']}-token windows. "
+            "Use a model with a longer context."
+        )
+
+
+def start_run(strategy: str, *, lr: float | None = None, show: bool = True, model_name: str | None = None,
+              model_and_tokenizer: tuple | None = None, corpus: Corpus | None = None,
+              config: TrainConfig | None = None, **options) -> StrategyRun:
+    """Return a StrategyRun: the default model with its baseline measured and `strategy` applied, ready to `finish`.
+
+    `lr` defaults to the strategy's rate in the shared recipe and `config` to the recipe; `options` go to
+    `apply_strategy`. `model_and_tokenizer` and `corpus` replace the default model and corpus (tests pass tiny ones).
+    """
+    from .compare import learning_rate
+
+    known = _registry()
+    if strategy not in known:
+        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(sorted(known))}.")
+    if config is not None and lr is not None:
+        raise ValueError("Pass either lr or config (whose lr field sets the rate), not both.")
+    model, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_model(model_name)
+    _check_context(model)
+    corpus = corpus or load_corpus()
+    baseline = baseline_perplexity(model, tokenizer, corpus.test)
+    before = complete(model, tokenizer)
+    model = apply_strategy(model, strategy, **options)
+    config = config or recipe_config(lr=learning_rate(strategy) if lr is None else lr)
+    run = StrategyRun(strategy=strategy, model=model, tokenizer=tokenizer, corpus=corpus,
+                      options=dict(model.strategy_info.options), config=config, baseline_test_ppl=baseline,
+                      generation_before=before, frozen_before=frozen_snapshot(model))
+    if show:
+        layers = run.layers
+        docs = {split: info["documents"] for split, info in corpus.summary().items()}
+        print(f"{type(model).__name__} with {len(layers.blocks)} blocks, tied head: {layers.tied}; "
+              f"documents per split: {docs}")
+        print(f"baseline test perplexity {baseline:.2f}; {PROMPT!r} -> {before!r}")
+        print(model.strategy_info.summary)
+        print(run.report().splitlines()[0])
+        print(f"to train: {config.steps} steps x {run.tokens_per_step:,} tokens at lr {config.lr:g} (the shared recipe)")
+        plot_trainable_map(trainable_map(model), title=f"{strategy}: trainable parameters per part")
+        plt.show()
+    return run

@@ -1,0 +1,82 @@
+"""The pipeline notebooks 04-07 share (`start_run` ... `finish`) and the setup every notebook calls, on a tiny model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import helpers
+from helpers.training import TrainConfig
+
+from conftest import tiny_model
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """Keep cached baselines out of the user's cache."""
+    monkeypatch.setenv("TUTORIAL_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_corpus(text: str) -> helpers.Corpus:
+    return helpers.Corpus(train=[text * 4], validation=[text[:300]], test=[text[100:400]])
+
+
+def long_context(family: str):
+    """Return a tiny rotary-position model that accepts the recipe's 256-token windows (rotary positions have no table)."""
+    model = tiny_model(family)
+    model.config.max_position_embeddings = 512
+    return model
+
+
+def quick_config() -> TrainConfig:
+    return TrainConfig(steps=12, lr=3e-3, warmup_steps=2, eval_every=6, progress=False)
+
+
+def test_setup_seeds_every_generator_the_same_way():
+    helpers.setup(3)
+    first = torch.rand(4)
+    helpers.setup(3)
+    assert torch.equal(torch.rand(4), first)
+    helpers.setup(4)
+    assert not torch.equal(torch.rand(4), first)
+
+
+@pytest.mark.parametrize("strategy", ["full_fine_tuning", "freeze_lower_layers"])
+def test_a_run_trains_evaluates_and_keeps_its_frozen_tensors(tokenizer, text, cache, strategy):
+    corpus = tiny_corpus(text)
+    run = helpers.start_run(strategy, model_and_tokenizer=(long_context("llama"), tokenizer), corpus=corpus,
+                            config=quick_config(), show=False)
+    assert run.history is None and "not trained yet" in run.report()
+    frozen = len(run.frozen_before)
+    assert (frozen > 0) == (strategy == "freeze_lower_layers")
+    run.finish(save=False, show=False)
+    assert run.path is None and run.changed == []
+    assert len(run.history) == run.config.steps + 1
+    assert run.evaluation["test_ppl"] < run.baseline_test_ppl
+    assert run.result["trainable_params"] == run.counts["trainable"]
+    text_report = run.report()
+    assert f"frozen tensors unchanged: {frozen} of {frozen}" in text_report
+    assert "x the baseline" in text_report and strategy in text_report
+
+
+def test_a_run_cannot_be_finished_twice(tokenizer, text, cache):
+    run = helpers.start_run("adapter_layers", model_and_tokenizer=(long_context("qwen2"), tokenizer),
+                            corpus=tiny_corpus(text), config=quick_config(), show=False, n_top=1)
+    run.finish(save=False, show=False)
+    with pytest.raises(ValueError, match="already been trained"):
+        run.finish(save=False, show=False)
+
+
+def test_bad_arguments_are_named(tokenizer, text, cache):
+    pair = (tiny_model("llama"), tokenizer)
+    with pytest.raises(ValueError, match="Unknown strategy 'freeze_everything'.*full_fine_tuning"):
+        helpers.start_run("freeze_everything", model_and_tokenizer=pair, corpus=tiny_corpus(text), show=False)
+    with pytest.raises(ValueError, match="either lr or config"):
+        helpers.start_run("full_fine_tuning", model_and_tokenizer=pair, corpus=tiny_corpus(text), lr=1e-3,
+                          config=quick_config(), show=False)
+
+
+def test_a_model_with_a_short_context_is_refused_before_anything_runs(tokenizer, text, cache):
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match=f"at most {model.config.n_positions} positions.*longer context"):
+        helpers.start_run("full_fine_tuning", model_and_tokenizer=(model, tokenizer), corpus=tiny_corpus(text),
+                          config=quick_config(), show=False)

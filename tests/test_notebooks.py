@@ -1,0 +1,50 @@
+"""The notebooks read like a book, not a stack of copies: no cell is repeated across notebooks, none is empty."""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+IMPORT = re.compile(r"^(import \S+|from \S+ import .+)$")
+
+
+def cells(path: Path) -> list[tuple[str, str]]:
+    """Return (cell type, source) of every cell of the notebook at `path`."""
+    return [(c["cell_type"], "".join(c["source"]).strip()) for c in json.loads(path.read_text())["cells"]]
+
+
+def repeated_cells(notebooks: list[Path]) -> dict[str, list[str]]:
+    """Return {cell source: notebooks holding it} for every cell found in more than one notebook (one-line imports aside)."""
+    where: dict[str, set[str]] = defaultdict(set)
+    for path in notebooks:
+        for _, source in cells(path):
+            if source and not IMPORT.match(source):
+                where[source].add(path.stem)
+    return {source: sorted(names) for source, names in where.items() if len(names) > 1}
+
+
+def test_the_notebooks_are_all_found():
+    assert len(NOTEBOOKS) >= 9 and NOTEBOOKS[0].stem.startswith("00_")
+
+
+def test_no_cell_is_repeated_across_notebooks():
+    repeated = repeated_cells(NOTEBOOKS)
+    report = "\n\n".join(f"{names}:\n{source[:200]}" for source, names in repeated.items())
+    assert not repeated, f"{len(repeated)} cells appear in more than one notebook; move the shared step into helpers:\n{report}"
+
+
+def test_the_check_finds_a_repeated_cell(tmp_path):
+    # The check itself can fail: two notebooks sharing a two-line cell are reported, a shared one-line import is not.
+    for name in ("a", "b"):
+        nb = {"cells": [{"cell_type": "code", "source": ["import helpers"]},
+                        {"cell_type": "code", "source": ["x = 1\n", "print(x)"]},
+                        {"cell_type": "markdown", "source": [f"# notebook {name}"]}]}
+        (tmp_path / f"{name}.ipynb").write_text(json.dumps(nb))
+    assert repeated_cells(sorted(tmp_path.glob("*.ipynb"))) == {"x = 1\nprint(x)": ["a", "b"]}
+
+
+def test_no_cell_is_empty():
+    empty = [(path.stem, i) for path in NOTEBOOKS for i, (_, source) in enumerate(cells(path)) if not source]
+    assert not empty, f"empty cells: {empty}"
