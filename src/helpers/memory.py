@@ -6,6 +6,16 @@ from transformers import PretrainedConfig
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
+CUDA_CONTEXT_GIB: tuple[float, float] = (0.25, 0.5)
+"""A typical range, in GiB, for the GPU memory a process's CUDA context takes before its first tensor.
+
+Not a measurement: PyTorch's maintainers quote about 300 MB (pytorch/pytorch#107667) and around 400 MB
+(pytorch/pytorch#109888) for CUDA 11.7 and later, where kernels load lazily, and over 1 GB before; the range
+rounds those outward.
+The context holds the driver's state and the loaded kernels, so it varies with the driver, the card and the
+libraries the program loads.
+"""
+
 
 def activation_bytes(config: PretrainedConfig, *, batch: int, seq: int, precision: str = "fp32") -> int:
     """Return an estimate of the activations kept for backward, in bytes.
@@ -28,10 +38,22 @@ def training_memory(
     batch: int = 1,
     seq: int = 512,
     precision: str = "fp32",
+    cuda_context: float = 0.0,
+    step_temporaries: int = 0,
 ) -> pd.Series:
-    """Return GiB needed for weights, gradients, the two AdamW states and activations, and their total."""
+    """Return GiB needed for weights, gradients, the two AdamW states and activations, and their total.
+
+    Two optional rows model what the first four leave out on a GPU; each appears only when it is not zero:
+    `cuda_context`, in GiB (see `CUDA_CONTEXT_GIB` for a typical range), and `step_temporaries`, the number of
+    values the optimizer step allocates on top of its states while it updates a tensor (it depends on the
+    optimizer's implementation; an unfused AdamW holds several copies of the tensor it updates).
+    """
     if precision not in _BYTES:
         raise ValueError(f"Unknown precision {precision!r}; use one of {sorted(_BYTES)}.")
+    if cuda_context < 0 or step_temporaries < 0:
+        raise ValueError(
+            f"cuda_context ({cuda_context}) and step_temporaries ({step_temporaries}) are sizes; pass 0 or more."
+        )
     trainable = n_params if trainable is None else trainable
     size = _BYTES[precision]
     parts = {
@@ -41,5 +63,10 @@ def training_memory(
         "AdamW states": trainable * 4 * 2,
         "activations": activation_bytes(config, batch=batch, seq=seq, precision=precision) if config else 0,
     }
+    if cuda_context:
+        parts["CUDA context"] = cuda_context * 2**30
+    if step_temporaries:
+        # An optimizer computes its update in the weights' precision.
+        parts["optimizer-step temporaries"] = step_temporaries * size
     parts["total"] = sum(parts.values())
     return pd.Series({k: v / 2**30 for k, v in parts.items()}, name="GiB")
