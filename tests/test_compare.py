@@ -8,7 +8,8 @@ from matplotlib.figure import Figure
 
 from helpers import count_parameters, meta_model
 from helpers.compare import (
-    collect_results, comparison_table, is_current, learning_rate, main, markdown_table, report_side_by_side, strategies,
+    collect_results, comparison_table, format_table, is_current, learning_rate, main, markdown_table, plot_loss_curves,
+    report_side_by_side, strategies,
 )
 from helpers.experiment import RECIPE, save_result
 from helpers.widgets import explorer_table, strategy_explorer, training_panel, widgets_available
@@ -62,6 +63,53 @@ def test_baselines_from_two_machines_share_one_table():
     table = comparison_table({"a": _fake("a", 1, 10.0, baseline=18.221186), "b": _fake("b", 1, 11.0, baseline=18.221347)})
     assert table.loc["baseline (no training)", "test ppl"] == pytest.approx(18.2212665)
     assert table.loc["a", "test / baseline"] == pytest.approx(10.0 / 18.2212665)
+
+
+def test_formatted_tables_are_plain_strings_that_read_the_same_as_text_and_html():
+    table = comparison_table({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0), "lora": _fake("lora", 40, 11.0)})
+    text = format_table(table)
+    assert list(text.index) == list(table.index) and list(text.columns) == list(table.columns)
+    assert all(isinstance(v, str) for v in text.to_numpy().ravel())
+    assert text.loc["full_fine_tuning", "trainable params"] == "1,000"
+    assert text.loc["lora", "lr"] == "0.0001" and text.loc["baseline (no training)", "lr"] == ""  # NaN left blank
+    assert text.loc["lora", "change %"] == "-45.0" and text.loc["full_fine_tuning", "test / baseline"] == "0.500"
+    assert text.loc["lora", "test ppl"] == "11.00"
+    # What a code host shows: the DataFrame's own text, never "<pandas.io.formats.style.Styler at 0x...>".
+    assert "Styler" not in repr(text) and "1,000" in repr(text) and "1,000" in text._repr_html_()
+    assert format_table(table[["lr"]], formats={"lr": ".1e"}).loc["lora", "lr"] == "1.0e-04"
+    side = format_table(report_side_by_side({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0)}))
+    assert side.loc["full_fine_tuning", "perplexity (report)"] == "195,018.19"
+    assert side.loc["full_fine_tuning", "improvement % (ours)"] == "50.0"
+
+
+def _runs(n):
+    names = strategies()[:n]
+    return {name: _fake(name, 10 * (i + 1), 10.0 + i) for i, name in enumerate(names)}
+
+
+def test_loss_curves_are_small_multiples_with_the_legend_outside_the_panels():
+    results = _runs(5)
+    fig = plot_loss_curves(results)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [name.replace("_", " ") for name in results]
+    assert len(fig.axes) == 6 and not fig.axes[5].get_visible()  # a 2 x 3 grid, the sixth cell left empty
+    # Shared axes: one scale to compare the panels by.
+    assert all(ax.get_shared_y_axes().joined(panels[0], ax) and ax.get_shared_x_axes().joined(panels[0], ax) for ax in panels)
+    # Each panel: the other runs' validation curves, its own training and validation loss.
+    assert all(len(ax.lines) == len(results) + 1 for ax in panels)
+    # One legend, the figure's, and none inside a panel where it could cover the curves.
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+    fig.canvas.draw()
+    legend_box = fig.legends[0].get_window_extent()
+    assert all(not legend_box.overlaps(ax.get_window_extent()) for ax in panels)
+    assert len(plot_loss_curves(results, columns=1).axes) == 5
+
+
+def test_loss_curves_refuse_bad_input():
+    with pytest.raises(ValueError, match="No results"):
+        plot_loss_curves({})
+    with pytest.raises(ValueError, match="columns"):
+        plot_loss_curves(_runs(2), columns=0)
 
 
 def _current(name):
@@ -139,8 +187,17 @@ def test_widgets_fall_back_to_static_output_outside_a_frontend():
     assert table.loc["full_fine_tuning", "trainable"] == table.loc["full_fine_tuning", "total"] == full
     assert 0 < table.loc["lora", "trainable"] < full
     assert table.equals(explorer_table(config))
-    figure = training_panel({"lora": _fake("lora", 40, 11.0)}, interactive=False)
-    assert isinstance(figure, Figure) and figure.axes[0].lines
+    figure = training_panel({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0), "lora": _fake("lora", 40, 11.0)},
+                            interactive=False)
+    # The static view draws the run the live panel starts on (LoRA): its train and validation loss, legend outside.
+    assert isinstance(figure, Figure) and len(figure.axes) == 1 and len(figure.axes[0].lines) == 2
+    assert figure.axes[0].get_title().startswith("lora") and figure.axes[0].get_legend() is None and figure.legends
+    figure.canvas.draw()
+    assert not figure.legends[0].get_window_extent().overlaps(figure.axes[0].get_window_extent())
+    only = training_panel({"adapter_layers": _fake("adapter_layers", 40, 11.0)}, interactive=False)
+    assert only.axes[0].get_title().startswith("adapter_layers")
+    with pytest.raises(ValueError, match="No saved runs"):
+        training_panel({}, interactive=False)
 
 
 def test_live_explorer_builds_and_follows_the_dropdown():

@@ -29,7 +29,7 @@ LEARNING_RATES: dict[str, float] = {"lora": 2e-3}
 larger one (2e-3 beat 1e-3 on validation perplexity under the recipe)."""
 
 REPORT_BASELINE_PPL = 737_879.38
-"""The report's baseline perplexity of Qwen2-0.5B (its output head was randomly initialised)."""
+"""The report's baseline perplexity of Qwen2-0.5B: worse than uniform guessing, the mark of a randomly initialised head."""
 
 REPORT_ROWS = [
     ("freeze_lower_layers", 291, 81_680.74, 88.9),
@@ -37,7 +37,7 @@ REPORT_ROWS = [
     ("full_fine_tuning", 291, 195_018.19, 73.6),
     ("adapter_layers", 0, 588_367.81, 20.3),
 ]
-"""The report's strategy table, as printed: its 'trainable params' are tensor counts, its perplexity is on one 8-token sequence."""
+"""The report's strategy table, as printed: its 'trainable params' are tensor counts, its perplexity is on one 8-token test sequence."""
 
 
 def report_table() -> pd.DataFrame:
@@ -166,8 +166,32 @@ def report_side_by_side(results: dict[str, dict]) -> pd.DataFrame:
     return table
 
 
-COLUMN_FORMATS: dict[str, str] = {"lr": "g"}
-"""Number formats of columns that the default two decimals would flatten (a learning rate of 2e-4 is not 0.00)."""
+COLUMN_FORMATS: dict[str, str] = {
+    "lr": "g", "train s": ".0f", "tokens/s": ".0f", "peak memory MB": ",.0f", "test / baseline": ".3f",
+    "change %": "+.1f", "improvement % (report)": ".1f", "improvement % (ours)": ".1f",
+}
+"""Number formats of the columns that the default two decimals would flatten (a learning rate of 2e-4 is not 0.00) or
+clutter (seconds, megabytes); every other float column gets two decimals, every integer a thousands separator."""
+
+
+def format_table(table: pd.DataFrame, *, formats: dict[str, str] | None = None, floatfmt: str = ",.2f") -> pd.DataFrame:
+    """Return a copy of `table` whose values are display strings (COLUMN_FORMATS, then `formats`; NaN left blank)."""
+    import pandas as pd
+
+    formats = {**COLUMN_FORMATS, **(formats or {})}
+
+    def cell(v, column: str) -> str:
+        # A DataFrame of strings shows the same in its text/plain and text/html forms, unlike a Styler, whose text
+        # form on a code host is "<pandas.io.formats.style.Styler at 0x...>".
+        if v is None or isinstance(v, (bool, str)):
+            return "" if v is None else str(v)
+        if isinstance(v, int) or (hasattr(v, "dtype") and "int" in str(v.dtype)):
+            return format(int(v), formats.get(column, ","))
+        if isinstance(v, float):
+            return "" if v != v else format(v, formats.get(column, floatfmt))
+        return str(v)
+
+    return pd.DataFrame({c: [cell(v, c) for v in table[c]] for c in table.columns}, index=table.index)
 
 
 def markdown_table(table: pd.DataFrame, *, floatfmt: str = ",.2f") -> str:
@@ -175,20 +199,11 @@ def markdown_table(table: pd.DataFrame, *, floatfmt: str = ",.2f") -> str:
     import pandas as pd
 
     frame = table.reset_index()
-
-    def cell(v, column: str) -> str:
-        if isinstance(v, bool) or v is None:
-            return str(v)
-        if isinstance(v, int) or (hasattr(v, "dtype") and "int" in str(v.dtype)):
-            return f"{int(v):,}"
-        if isinstance(v, float):
-            return "" if v != v else format(v, COLUMN_FORMATS.get(column, floatfmt))
-        return str(v)
-
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    text = format_table(frame, floatfmt=floatfmt)
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
              "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
-    lines += ["| " + " | ".join(cell(v, c) for v, c in zip(row, frame.columns)) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(row) + " |" for row in text.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -209,19 +224,47 @@ def _figure(width: float = 6.5, height: float = 3.8) -> tuple[Figure, object]:
     return fig, fig.add_subplot()
 
 
-def plot_loss_curves(results: dict[str, dict], *, column: str = "val_loss") -> Figure:
-    """Return one figure with the validation (or train) loss of every strategy against training tokens seen."""
-    import pandas as pd
+def plot_loss_curves(results: dict[str, dict], *, columns: int = 3) -> Figure:
+    """Return small multiples of the training runs: one panel per strategy on shared axes, its train and validation loss."""
+    import math
 
-    fig, ax = _figure()
-    for i, (name, r) in enumerate(results.items()):
-        history = pd.DataFrame(r["history"]).dropna(subset=[column])
-        ax.plot(history["tokens"], history[column], "o-" if column == "val_loss" else "-", ms=3, color=f"C{i}", label=name)
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel(f"{'validation' if column == 'val_loss' else 'training'} loss (nats)")
-    ax.set_title("loss while training, every strategy (same data, seed, tokens)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    import pandas as pd
+    from matplotlib.lines import Line2D
+
+    from .plotting import new_figure
+
+    if not results:
+        raise ValueError("No results to plot: pass {strategy: result}, e.g. helpers.compare.collect_results().")
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1; got {columns}.")
+    histories = {name: pd.DataFrame(r["history"]) for name, r in results.items()}
+    columns = min(columns, len(histories))
+    rows = math.ceil(len(histories) / columns)
+    fig = new_figure(3.1 * columns, 2.3 * rows + 0.9)
+    # Constrained layout keeps the figure-wide legend above the panels, where it covers no data.
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
+    validation = {name: frame.dropna(subset=["val_loss"]) for name, frame in histories.items()}
+    for ax, (name, frame) in zip(axes, histories.items()):
+        # The other runs' validation curves, in grey behind, keep the strategies comparable across panels.
+        for other, checked in validation.items():
+            if other != name:
+                ax.plot(checked["tokens"] / 1000, checked["val_loss"], color="#c8c8c8", lw=1, zorder=1)
+        trained = frame.dropna(subset=["train_loss"])
+        ax.plot(trained["tokens"] / 1000, trained["train_loss"], color="#6baed6", lw=1, zorder=2)
+        ax.plot(validation[name]["tokens"] / 1000, validation[name]["val_loss"], "o-", color="#d94801", ms=3.5, lw=1.5,
+                zorder=3)
+        ax.set_title(name.replace("_", " "), fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3, lw=0.5)
+    for ax in axes[len(histories):]:
+        ax.set_visible(False)
+    fig.supxlabel("training tokens seen (thousands)", fontsize=9)
+    fig.supylabel("next-token loss (nats)", fontsize=9)
+    handles = [Line2D([], [], color="#6baed6", lw=1, label="training loss (each step's batch)"),
+               Line2D([], [], color="#d94801", marker="o", ms=3.5, lw=1.5, label="validation loss"),
+               Line2D([], [], color="#c8c8c8", lw=1, label="the other strategies' validation loss")]
+    fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=8, frameon=False)
     return fig
 
 
@@ -234,7 +277,7 @@ def plot_perplexity_bars(table: pd.DataFrame) -> Figure:
     ax.axhline(ppl.iloc[0], color="#636363", lw=1, ls="--")
     for i, v in enumerate(ppl.values):
         ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(ppl)), [n.replace("_", "\n") for n in ppl.index], fontsize=8)
+    ax.set_xticks(range(len(ppl)), [n.replace("_", "\n").replace(" (", "\n(") for n in ppl.index], fontsize=8)
     ax.set_ylabel("test perplexity (lower is better)")
     ax.set_title("held-out test perplexity after the same training budget")
     fig.tight_layout()
@@ -267,10 +310,9 @@ def plot_params_vs_perplexity(table: pd.DataFrame) -> Figure:
 def run_comparison(names: list[str] | None = None, *, steps: int | None = None, model_name: str | None = None,
                    corpus: str | Path | None = None, out: str | Path = "comparison", progress: bool = True) -> pd.DataFrame:
     """Return the comparison table of `names` (default: all strategies), writing CSV, Markdown and per-strategy JSON to `out`."""
-    from tqdm.auto import tqdm
-
     from .data import load_corpus
     from .experiment import save_result
+    from .progress import tqdm
 
     names = names or strategies()
     unknown = [n for n in names if n not in _registry()]

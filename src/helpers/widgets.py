@@ -117,32 +117,42 @@ def strategy_explorer(config=None, *, interactive: bool | None = None):
     return w.VBox([choice, controls_box, output])
 
 
-def _loss_figure(histories: dict[str, pd.DataFrame], title: str) -> Figure:
+PANEL_STRATEGY = "lora"
+"""The training panel's first choice, and the saved run its static view draws (when the results hold it)."""
+
+
+def _loss_figure(history: pd.DataFrame, title: str) -> Figure:
+    from matplotlib.lines import Line2D
+
     fig = new_figure(6.5, 3.6)
+    # Constrained layout keeps the legend above the axes, where it covers no data.
+    fig.set_layout_engine("constrained")
     ax = fig.add_subplot()
-    for i, (name, frame) in enumerate(histories.items()):
-        trained = frame.dropna(subset=["train_loss"])
-        ax.plot(trained["tokens"], trained["train_loss"], color=f"C{i}", alpha=0.7, label=f"{name} train")
-        checked = frame.dropna(subset=["val_loss"])
-        ax.plot(checked["tokens"], checked["val_loss"], "o--", color=f"C{i}", ms=4, label=f"{name} validation")
+    trained = history.dropna(subset=["train_loss"])
+    ax.plot(trained["tokens"], trained["train_loss"], color="#6baed6", lw=1)
+    checked = history.dropna(subset=["val_loss"]) if "val_loss" in history else history.iloc[:0]
+    ax.plot(checked["tokens"], checked["val_loss"], "o-", color="#d94801", ms=4, lw=1.5)
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("loss (nats)")
-    ax.set_title(title)
-    if histories:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.set_title(title, fontsize=10)
+    handles = [Line2D([], [], color="#6baed6", lw=1, label="training loss (each step's batch)"),
+               Line2D([], [], color="#d94801", marker="o", ms=4, lw=1.5, label="validation loss")]
+    fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=8, frameon=False)
     return fig
 
 
 def training_panel(results: dict[str, dict] | None = None, *, model_name: str | None = None, corpus=None,
                    interactive: bool | None = None):
-    """Return a widget that trains a strategy for a few steps and redraws its loss as it goes (static: saved curves)."""
+    """Return a widget that trains a strategy for a few steps and redraws its loss as it goes (static: one saved run's curves)."""
     if not (widgets_available() if interactive is None else interactive):
         from .experiment import load_results
 
         results = results if results is not None else load_results()
-        histories = {name: pd.DataFrame(r["history"]) for name, r in results.items()}
-        return _loss_figure(histories, "saved runs (static view: the live panel needs JupyterLab)")
+        if not results:
+            raise ValueError("No saved runs to draw: run a strategy notebook (03-07) first, or pass results={strategy: result}.")
+        name = PANEL_STRATEGY if PANEL_STRATEGY in results else next(iter(results))
+        return _loss_figure(pd.DataFrame(results[name]["history"]), f"{name}: the saved run (static view of the live panel)")
 
     import ipywidgets as w
     from IPython.display import display
@@ -151,7 +161,7 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
     from .compare import learning_rate
     from .models import load_model
 
-    choice = w.Dropdown(options=list(STRATEGIES), value="lora" if "lora" in STRATEGIES else next(iter(STRATEGIES)),
+    choice = w.Dropdown(options=list(STRATEGIES), value=PANEL_STRATEGY if PANEL_STRATEGY in STRATEGIES else next(iter(STRATEGIES)),
                         description="strategy")
     steps = w.IntSlider(value=10, min=2, max=50, description="steps")
     button = w.Button(description="Train", button_style="primary", icon="play")
@@ -174,7 +184,7 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
                 status.value = f"step {row['step']}/{steps.value}: train loss {row['train_loss']:.3f}"
                 with output:
                     output.clear_output(wait=True)
-                    display(_loss_figure({choice.value: pd.DataFrame(rows)}, f"{choice.value}, live"))
+                    display(_loss_figure(pd.DataFrame(rows), f"{choice.value}, live"))
 
             from .training import train
 
