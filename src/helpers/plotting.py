@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -93,4 +94,61 @@ def plot_timing(table: pd.DataFrame) -> Figure:
     right.set_ylabel("token by token / full sequence")
     right.axhline(1, color="grey", lw=0.8)
     fig.tight_layout()
+    return fig
+
+
+# Colours of plot_windows' cells; the blue is the one plot_trainable_map gives to what counts (there: trainable).
+_CONTEXT, _SCORED, _PREFIX = "#cfcfcf", "#2b8cbe", "#f4a259"
+_MAX_WINDOW_TOKENS = 200
+
+
+def plot_windows(
+    n_tokens: int, block_size: int, strides: Sequence[int | None] = (None,), *, n_prefix: int = 0
+) -> Figure:
+    """Return a figure, one panel per stride, of perplexity's windows: the tokens each feeds as context and scores."""
+    from .evaluation import windows
+
+    strides = list(strides)
+    if not strides:
+        raise ValueError("strides is empty: pass at least one stride, e.g. (None,) for non-overlapping windows.")
+    if not 2 <= n_tokens <= _MAX_WINDOW_TOKENS:
+        raise ValueError(
+            f"n_tokens must be between 2 and {_MAX_WINDOW_TOKENS} so that every token stays a readable cell; got "
+            f"{n_tokens}. The figure shows the rule on a short made-up text: scale block_size and stride down with it."
+        )
+    # windows() is what token_nll feeds the model, so the figure cannot drift from the code it explains.
+    layouts = [(stride, windows(n_tokens, block_size, stride, n_prefix=n_prefix)) for stride in strides]
+    span = block_size - n_prefix
+    fig = new_figure(6.5, 0.9 + sum(0.3 * len(spans) + 0.55 for _, spans in layouts))
+    axes = fig.subplots(len(layouts), 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": [len(spans) + 1 for _, spans in layouts]})[:, 0]
+    for ax, (stride, spans) in zip(axes, layouts):
+        scored_total = 0
+        for row, (begin, end, n_context) in enumerate(spans):
+            # The first fed position is never a target; with a prefix that position is the prefix's.
+            first_scored = begin + max(n_context, 1 - n_prefix)
+            scored_total += end - first_scored
+            cells = [(begin - n_prefix + j, _PREFIX) for j in range(n_prefix)]
+            cells += [(t, _CONTEXT if t < first_scored else _SCORED) for t in range(begin, end)]
+            for x, color in cells:
+                ax.add_patch(plt.Rectangle((x, row + 0.1), 1, 0.8, facecolor=color, edgecolor="white", linewidth=1.5))
+            ax.annotate(f"{end - first_scored} scored", (n_tokens, row + 0.5), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=8, color="#555555")
+        ax.set_ylim(len(spans), 0)
+        ax.set_yticks([r + 0.5 for r in range(len(spans))], [f"window {r + 1}" for r in range(len(spans))], fontsize=8)
+        ax.tick_params(axis="y", length=0)
+        step = span if stride is None else stride
+        how = "the default: windows do not overlap" if step == span else f"each window re-reads {span - step} tokens"
+        ax.set_title(f"stride {step} ({how}): {scored_total} of {n_tokens} tokens scored", fontsize=9, loc="left")
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+    last = axes[-1]
+    last.set_xlim(-n_prefix, n_tokens + 2.5)
+    ticks = range(0, n_tokens, 2 if n_tokens <= 40 else 10)
+    last.set_xticks([t + 0.5 for t in ticks], [str(t) for t in ticks], fontsize=8)
+    last.set_xlabel(f"position of the token in the text (window of {block_size} tokens)", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (_CONTEXT, _SCORED, _PREFIX)[: 3 if n_prefix else 2]]
+    labels = ["fed as context only", "scored: predicted from the tokens to its left", "BOS prefix (context only)"]
+    fig.legend(handles, labels[: len(handles)], loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return fig
