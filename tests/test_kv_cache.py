@@ -1,4 +1,6 @@
 """The KV-cache lesson: token-by-token logits equal full-sequence logits, the report's bugs really break, generation agrees."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,11 +137,81 @@ def test_timing_sweep_measures_both_modes(model):
     assert not model.training
 
 
+def test_timing_runs_on_the_threads_asked_for_and_restores_torch_setting(model, monkeypatch):
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    seen = []
+    real = kv._logits
+
+    def spy(m, ids, mode):
+        seen.append(torch.get_num_threads())
+        return real(m, ids, mode)
+
+    monkeypatch.setattr(kv, "_logits", spy)
+    helpers.timing_sweep(model, [4, 6], repeats=1, threads=other, progress=False)
+    assert len(seen) == 6 and set(seen) == {other}  # warm-ups included
+    assert torch.get_num_threads() == before
+    seen.clear()
+    helpers.time_forward_backward(model, ids_of(1, 4), "full")
+    assert seen == [before]  # threads=None leaves torch's setting alone
+
+    def boom(m, ids, mode):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(kv, "_logits", boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        helpers.time_forward_backward(model, ids_of(1, 4), "full", threads=other)
+    assert torch.get_num_threads() == before  # restored after an error too
+
+
+def test_cpu_clock_leaves_out_time_the_step_does_not_use_the_cpu(model, monkeypatch):
+    # A step that sleeps stands for one that the machine set aside to run another program.
+    real = kv._logits
+
+    def sleepy(m, ids, mode):
+        time.sleep(0.3)
+        return real(m, ids, mode)
+
+    monkeypatch.setattr(kv, "_logits", sleepy)
+    wall = helpers.time_forward_backward(model, ids_of(1, 4), "full", threads=1, clock="wall")
+    cpu = helpers.time_forward_backward(model, ids_of(1, 4), "full", threads=1, clock="cpu")
+    assert wall >= 0.3
+    assert 0 <= cpu < 0.15
+    table = helpers.timing_sweep(model, [4], repeats=1, threads=1, clock="cpu", progress=False)
+    assert (table[["full (s)", "token by token (s)"]] < 0.3).all().all()
+
+
+def test_generation_speed_runs_on_the_threads_asked_for(model, monkeypatch):
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    seen = []
+    real = kv.greedy_generate
+    monkeypatch.setattr(kv, "greedy_generate", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    kv.generation_speed(model, ids_of(1, 4), new_tokens=4, threads=other)
+    assert seen == [other] * 3
+    assert torch.get_num_threads() == before
+    result = kv.generation_speed(model, ids_of(1, 4), new_tokens=4, threads=1, clock="cpu")
+    assert result["identical"] and result["cached tokens/s"] > 0
+    with pytest.raises(ValueError, match="needs threads=1"):
+        kv.generation_speed(model, ids_of(1, 4), new_tokens=4, threads=2, clock="cpu")
+
+
 def test_bad_inputs_get_one_clear_error(model):
     with pytest.raises(ValueError, match=r"ids\[None\]"):
         helpers.logits_token_by_token(model, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="Unknown mode 'cached'"):
         helpers.time_forward_backward(model, ids_of(1, 4), "cached")
+    with pytest.raises(ValueError, match="Unknown clock 'process'"):
+        helpers.timing_sweep(model, [4], repeats=1, threads=1, clock="process", progress=False)
+    with pytest.raises(ValueError, match="needs threads=1"):
+        helpers.timing_sweep(model, [4], repeats=1, threads=2, clock="cpu", progress=False)
+    with pytest.raises(ValueError, match="needs threads=1"):
+        helpers.time_forward_backward(model, ids_of(1, 4), "full", threads=2, clock="cpu")
+    with kv.intra_op_threads(2), pytest.raises(ValueError, match="needs threads=1"):
+        helpers.greedy_generate(model, ids_of(1, 4), 2, use_cache=True, clock="cpu")  # torch's own setting counts
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="threads must be a positive whole number"):
+            helpers.timing_sweep(model, [4], repeats=1, threads=bad, progress=False)
     with pytest.raises(ValueError, match="batch size"):
         helpers.logits_stale_cache(model, ids_of(2, 4), ids_of(1, 4))
     with pytest.raises(ValueError, match="new_tokens"):

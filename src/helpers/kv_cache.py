@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from .device import synchronize
+from .progress import tqdm
 from .strategies import unwrap
 
 MODES = ("full", "token_by_token")
@@ -260,34 +262,83 @@ def _logits(model: PreTrainedModel, input_ids: torch.Tensor, mode: str) -> torch
     raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
 
 
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[int]:
+    """Yield the number of torch intra-op threads in effect: `threads` inside the block (None: unchanged), restored after.
+
+    For timing on a machine that other programs also use: with as many threads as cores, every parallel operation
+    waits at its end for the thread that shares a core with another program, so a step slows down by an amount that
+    changes from run to run. One thread is never kept waiting that way.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive whole number of intra-op threads, or None to keep torch's "
+                         f"setting ({torch.get_num_threads()} here); got {threads!r}.")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+CLOCKS = ("wall", "cpu")
+"""What a timing counts: wall-clock seconds, or the CPU seconds of the timing thread (one intra-op thread only)."""
+
+
+def _timer(clock: str, threads: int | None, device: torch.device) -> Callable[[], float]:
+    """Return the clock function for `clock` after checking that it can time work on `device` with `threads`."""
+    if clock not in CLOCKS:
+        raise ValueError(f"Unknown clock {clock!r}; use one of {CLOCKS}.")
+    if clock == "wall":
+        return time.perf_counter
+    in_effect = threads if threads is not None else torch.get_num_threads()
+    if in_effect != 1:
+        # With more threads the work is spread over threads this clock does not see.
+        raise ValueError(f"clock='cpu' counts the CPU time of the calling thread only, so it needs threads=1; "
+                         f"got {in_effect} threads. Pass threads=1, or use clock='wall'.")
+    if device.type != "cpu":
+        raise ValueError(f"clock='cpu' counts CPU seconds, but the model runs on {device}, whose work the CPU only "
+                         "waits for; use clock='wall'.")
+    # On one thread, CPU-side PyTorch runs every operation, the autograd backward included, in the calling thread.
+    return time.thread_time
+
+
 def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode: str, *, repeats: int = 1,
-                          budget_s: float | None = None) -> float:
+                          budget_s: float | None = None, threads: int | None = None, clock: str = "wall") -> float:
     """Return the fastest of `repeats` timings (seconds) of one training step's forward + backward in `mode`.
 
     The minimum, not the mean or median: other work on a busy machine only ever adds time, so the fastest run is the
-    one closest to what the step itself costs. With `budget_s`, repeating stops once that many seconds are spent
-    (after at least one run), so a slow mode is timed once and a fast one several times.
+    one closest to what the step itself costs. With `budget_s`, repeating stops once that many wall-clock seconds are
+    spent (after at least one run), so a slow mode is timed once and a fast one several times. With `threads`, torch
+    uses that many intra-op threads for the timing and its own setting again afterwards (see `intra_op_threads`).
+    `clock="cpu"` (with `threads=1`) counts the CPU seconds the step itself used, so time the machine gives to
+    other programs is left out, not only reduced by taking the minimum.
     """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
+    device = _device(model)
+    now = _timer(clock, threads, device)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("The model has no trainable parameters, so there is no backward pass to time; set requires_grad.")
     input_ids = _check_inputs(model, input_ids)
-    device = _device(model)
     was_training = model.training
     model.train()
     times: list[float] = []
+    spent = 0.0
     try:
-        for _ in range(repeats):
-            if budget_s is not None and times and sum(times) >= budget_s:
-                break
-            model.zero_grad(set_to_none=True)
-            synchronize(device)
-            start = time.perf_counter()
-            logits = _logits(model, input_ids, mode)
-            F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()).backward()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+        with intra_op_threads(threads):
+            for _ in range(repeats):
+                if budget_s is not None and times and spent >= budget_s:
+                    break
+                model.zero_grad(set_to_none=True)
+                synchronize(device)
+                wall, start = time.perf_counter(), now()
+                logits = _logits(model, input_ids, mode)
+                F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()).backward()
+                synchronize(device)
+                times.append(now() - start)
+                spent += time.perf_counter() - wall
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -302,23 +353,30 @@ def timing_sweep(
     token_repeats: int = 1,
     token_budget_s: float | None = None,
     batch: int = 1,
+    threads: int | None = None,
+    clock: str = "wall",
     progress: bool = True,
 ) -> pd.DataFrame:
     """Return seconds of forward + backward per sequence length for both modes and their ratio (token by token / full).
 
-    Each is the fastest of its repeats (`repeats` full passes; up to `token_repeats` loops, within `token_budget_s`).
+    Each is the fastest of its repeats (`repeats` full passes; up to `token_repeats` loops, within `token_budget_s`
+    wall-clock seconds). With `threads`, every timing runs on that many torch intra-op threads, and torch's setting
+    is restored after; `clock` is "wall" or, with threads=1, "cpu" (see `time_forward_backward`).
     """
+    _timer(clock, threads, _device(model))  # a bad clock fails now, not after the warm-up
     vocab = model.config.get_text_config(decoder=True).vocab_size
     generator = torch.Generator().manual_seed(0)
-    # The first passes pay for allocations and kernel selection; keep them out of the table.
-    time_forward_backward(model, torch.randint(vocab, (batch, min(lengths)), generator=generator), "full")
-    time_forward_backward(model, torch.randint(vocab, (batch, 4), generator=generator), "token_by_token")
     rows = []
-    for n in tqdm(list(lengths), desc="T", disable=not progress, leave=False):
-        ids = torch.randint(vocab, (batch, n), generator=generator)
-        full = time_forward_backward(model, ids, "full", repeats=repeats)
-        token = time_forward_backward(model, ids, "token_by_token", repeats=token_repeats, budget_s=token_budget_s)
-        rows.append({"T": n, "full (s)": full, "token by token (s)": token, "ratio": token / full})
+    with intra_op_threads(threads):
+        # The first passes pay for allocations and kernel selection; keep them out of the table.
+        time_forward_backward(model, torch.randint(vocab, (batch, min(lengths)), generator=generator), "full")
+        time_forward_backward(model, torch.randint(vocab, (batch, 4), generator=generator), "token_by_token")
+        for n in tqdm(list(lengths), desc="T", disable=not progress, leave=False):
+            ids = torch.randint(vocab, (batch, n), generator=generator)
+            full = time_forward_backward(model, ids, "full", repeats=repeats, clock=clock, threads=threads)
+            token = time_forward_backward(model, ids, "token_by_token", repeats=token_repeats, budget_s=token_budget_s,
+                                          clock=clock, threads=threads)
+            rows.append({"T": n, "full (s)": full, "token by token (s)": token, "ratio": token / full})
     return pd.DataFrame(rows).set_index("T")
 
 
@@ -326,17 +384,22 @@ def timing_sweep(
 
 
 @torch.no_grad()
-def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *, use_cache: bool) -> tuple[torch.Tensor, float]:
-    """Return (prompt + exactly `new_tokens` greedy ids, seconds taken), with or without the KV cache."""
+def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *, use_cache: bool,
+                    clock: str = "wall") -> tuple[torch.Tensor, float]:
+    """Return (prompt + exactly `new_tokens` greedy ids, seconds taken), with or without the KV cache.
+
+    `clock` is "wall", or "cpu" for the CPU seconds of the calling thread when torch runs on one thread.
+    """
     input_ids = _check_inputs(model, input_ids)
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be at least 1; got {new_tokens}.")
+    now = _timer(clock, None, _device(model))
     eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     device = _device(model)
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     out = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -347,15 +410,22 @@ def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens:
         pad_token_id=pad,
     )
     synchronize(device)
-    return out, time.perf_counter() - start
+    return out, now() - start
 
 
-def generation_speed(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int = 200) -> dict[str, object]:
-    """Return greedy generation with and without the cache: ids of each, whether identical, tokens/s and speed-up."""
-    # One short run first, so neither timed run pays the first-call costs.
-    greedy_generate(model, input_ids, 2, use_cache=True)
-    cached, t_cached = greedy_generate(model, input_ids, new_tokens, use_cache=True)
-    uncached, t_uncached = greedy_generate(model, input_ids, new_tokens, use_cache=False)
+def generation_speed(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int = 200, *,
+                     threads: int | None = None, clock: str = "wall") -> dict[str, object]:
+    """Return greedy generation with and without the cache: ids of each, whether identical, tokens/s and speed-up.
+
+    With `threads`, both runs use that many torch intra-op threads (see `intra_op_threads`), restored after;
+    `clock` is "wall" or, with threads=1, "cpu" (see `time_forward_backward`).
+    """
+    _timer(clock, threads, _device(model))
+    with intra_op_threads(threads):
+        # One short run first, so neither timed run pays the first-call costs.
+        greedy_generate(model, input_ids, 2, use_cache=True)
+        cached, t_cached = greedy_generate(model, input_ids, new_tokens, use_cache=True, clock=clock)
+        uncached, t_uncached = greedy_generate(model, input_ids, new_tokens, use_cache=False, clock=clock)
     return {
         "new tokens": new_tokens,
         "identical": bool(torch.equal(cached, uncached)),
