@@ -18,12 +18,10 @@ from .experiment import (
 from .models import load_model, quiet_transformers
 from .plotting import plot_history, plot_trainable_map
 from .recipe import PROMPT, RECIPE
-from .strategies import LayerMap, STRATEGIES as _STRATEGIES, apply_strategy, count_parameters, count_tensors, find_layers, trainable_map
+from .strategies import (
+    STRATEGIES, LayerMap, apply_strategy, count_parameters, count_tensors, find_layers, trainable_map,
+)
 from .training import TrainConfig, changed_tensors, frozen_snapshot, train
-
-
-def _registry() -> dict:
-    return _STRATEGIES
 
 
 def setup(seed: int = 0) -> None:
@@ -36,7 +34,7 @@ def setup(seed: int = 0) -> None:
 
 @dataclass
 class StrategyRun:
-    """One strategy under the shared recipe, as notebook 03 does it by hand: build with `start`, then `finish`."""
+    """One strategy under the shared recipe, as notebook 03 does it by hand: build with `start_run`, then `finish`."""
 
     strategy: str
     model: nn.Module
@@ -153,9 +151,8 @@ def start_run(strategy: str, *, lr: float | None = None, show: bool = True, mode
     """
     from .compare import learning_rate
 
-    known = _registry()
-    if strategy not in known:
-        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(sorted(known))}.")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.")
     if config is not None and lr is not None:
         raise ValueError("Pass either lr or config (whose lr field sets the rate), not both.")
     model, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_model(model_name)
