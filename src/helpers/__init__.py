@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 
-_SUBMODULES = {*_EXPORTS, "compare", "recipe", "widgets"}
+_SUBMODULES = {*_EXPORTS, "compare", "recipe", "sweep", "widgets"}
 
 
 def __getattr__(name: str):

@@ -37,6 +37,9 @@ class TrainConfig:
     progress: bool = True
     min_lr_ratio: float = 0.1
     eval_at_start: bool = True
+    patience: int = 0
+    """Early stopping: stop after this many validations in a row without a new lowest validation loss, and restore
+    the weights of the lowest one (0: train every step, keep the last weights)."""
 
     def check(self) -> None:
         """Raise ValueError naming the first field with an impossible value."""
@@ -54,6 +57,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eval_batches must be None (all) or at least 1; got {self.eval_batches}.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1]; got {self.min_lr_ratio}.")
+        if self.patience < 0:
+            raise ValueError(f"TrainConfig.patience must be >= 0 (0 = no early stopping); got {self.patience}.")
+        if self.patience and not self.eval_every:
+            raise ValueError("TrainConfig.patience needs validations during training: set eval_every >= 1.")
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -215,8 +222,10 @@ def train(
     """Return the training history (step, tokens, train_loss, val_loss, val_ppl, lr, seconds), training `model` in place.
 
     Ctrl-C (KeyboardInterrupt) stops early and returns the history so far; a NaN or infinite loss raises
-    FloatingPointError naming the step. history.attrs records precision, gradient checkpointing,
-    tokens per second and peak memory.
+    FloatingPointError naming the step. With `config.patience`, training stops after that many validations without
+    a new best and the model ends with the weights of its best validation (step 0, the untrained weights, included).
+    history.attrs records precision, gradient checkpointing, tokens per second, peak memory and, with early
+    stopping, best_step, best_val_loss and stopped_early_at.
     """
     config = config or TrainConfig()
     config.check()
@@ -239,10 +248,19 @@ def train(
     model.train()
 
     history: list[dict] = []
-    tokens, train_seconds, interrupted = 0, 0.0, False
+    tokens, train_seconds, interrupted, stopped_at = 0, 0.0, False, None
 
-    def validate() -> tuple[float, float]:
+    # Early stopping keeps a copy of every tensor the optimizer may change (all stages of gradual unfreezing).
+    tracked = [p for g in groups for p in g["params"]]
+    best = {"val": math.inf, "step": None, "weights": None, "misses": 0}
+
+    def validate(step: int) -> tuple[float, float]:
         val = evaluate_loss(model, val_data, max_batches=config.eval_batches, autocast=autocast)
+        if config.patience:
+            if val < best["val"]:
+                best.update(val=val, step=step, misses=0, weights=[p.detach().clone() for p in tracked])
+            else:
+                best["misses"] += 1
         return val, math.exp(min(val, 700.0))
 
     bar = tqdm(total=config.steps, desc=f"train ({precision}{', checkpointing' if config.gradient_checkpointing else ''})",
@@ -252,7 +270,7 @@ def train(
     try:
         with memory:
             if config.eval_at_start:
-                val, ppl = validate()
+                val, ppl = validate(0)
                 history.append({"step": 0, "tokens": 0, "train_loss": float("nan"), "val_loss": val, "val_ppl": ppl,
                                 "lr": 0.0, "seconds": 0.0})
             for step in range(1, config.steps + 1):
@@ -292,17 +310,24 @@ def train(
                 row = {"step": step, "tokens": tokens, "train_loss": loss_sum / total_targets,
                        "val_loss": float("nan"), "val_ppl": float("nan"), "lr": lr_now, "seconds": train_seconds}
                 if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                    row["val_loss"], row["val_ppl"] = validate()
+                    row["val_loss"], row["val_ppl"] = validate(step)
                 history.append(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}")
                 if callback is not None:
                     callback(dict(row))
+                if config.patience and best["misses"] >= config.patience:
+                    stopped_at = step
+                    break
     except KeyboardInterrupt:
         interrupted = True
         optimizer.zero_grad(set_to_none=True)
     finally:
         bar.close()
+        if best["weights"] is not None:
+            with torch.no_grad():
+                for p, saved in zip(tracked, best["weights"]):
+                    p.copy_(saved)
         if config.gradient_checkpointing and not checkpointing_before:
             model.gradient_checkpointing_disable()
         model.train(was_training)
@@ -317,6 +342,9 @@ def train(
         "tokens_per_second": tokens / train_seconds if train_seconds else float("nan"),
         "peak_memory_mb": memory.mb,
         "config": asdict(config),
+        "stopped_early_at": stopped_at,
+        "best_step": best["step"],
+        "best_val_loss": best["val"] if best["step"] is not None else None,
     })
     if interrupted:
         print(f"Training interrupted after {len(frame[frame.step > 0])} of {config.steps} steps; returning the history so far.")
