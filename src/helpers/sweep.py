@@ -50,8 +50,8 @@ class SweepSpec:
     block_size: int = 128        # text tokens per training block (a smaller subset is one block of its own length)
     batch_size: int = 4          # blocks per optimizer step
     max_epochs: int = 20         # cap on passes over the subset ...
-    max_tokens: int = 16_384     # ... and on training tokens read: whichever comes first (32 steps of 4 x 128)
-    eval_every: int = 8          # validate every epoch, or every 8 steps when an epoch is longer
+    max_tokens: int = 8_192      # ... and on training tokens read: whichever comes first (16 steps of 4 x 128)
+    eval_every: int = 4          # validate every epoch, or every 4 steps when an epoch is longer
     patience: int = 3            # validations without a new best before stopping; the best weights are kept
     val_blocks: int = 8          # the validation subset for early stopping and the rate choice: 8 x 128 tokens
     warmup_fraction: float = 0.1
