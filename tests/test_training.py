@@ -225,3 +225,95 @@ def test_data_loader_tensor_dataset_and_plain_tensors_both_work():
     train_data = DataLoader(TensorDataset(data), batch_size=4)
     history = helpers.train(model, train_data, [data[:4]], quick(steps=2, eval_every=0))
     assert history["val_loss"].notna().sum() == 2  # start and end
+
+
+# --- early stopping ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: these runs are tiny, and on a busy 2-core machine a second thread mostly waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def early(**overrides) -> TrainConfig:
+    values = dict(steps=30, lr=3e-2, warmup_steps=0, eval_every=1, patience=2, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_early_stopping_keeps_the_best_validation_weights(tokenizer, text):
+    model = helpers.apply_strategy(tiny_model("qwen2"), "full_fine_tuning")
+    train_data, val_data = loaders(tokenizer, text)
+    history = helpers.train(model, train_data, val_data, early())
+    attrs = history.attrs
+    checked = history.dropna(subset=["val_loss"])
+    assert attrs["stopped_early_at"] is not None and attrs["stopped_early_at"] < 30
+    assert history["step"].max() == attrs["stopped_early_at"]
+    assert 0 < attrs["best_step"] < attrs["stopped_early_at"]
+    # Two validations in a row without a new best, then the stop.
+    assert checked["step"].tolist()[-3:] == [attrs["best_step"], attrs["best_step"] + 1, attrs["best_step"] + 2]
+    assert attrs["best_val_loss"] == checked["val_loss"].min()
+    assert checked.set_index("step")["val_loss"][attrs["best_step"]] == attrs["best_val_loss"]
+    assert evaluate_loss(model, val_data) == pytest.approx(attrs["best_val_loss"], rel=1e-6)
+    assert evaluate_loss(model, val_data) < checked["val_loss"].iloc[-1]  # not the last weights
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_early_stopping_without_any_improvement_restores_the_initial_weights(tokenizer, text):
+    model = helpers.apply_strategy(tiny_model("llama"), "full_fine_tuning")
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_data, val_data = loaders(tokenizer, text)
+    history = helpers.train(model, train_data, val_data, early(lr=1.0))
+    attrs = history.attrs
+    assert attrs["best_step"] == 0 and attrs["stopped_early_at"] == 2
+    assert history["val_loss"].iloc[1:].min() > attrs["best_val_loss"]
+    assert all(torch.equal(p, initial[n]) for n, p in model.named_parameters())
+    assert evaluate_loss(model, val_data) == pytest.approx(attrs["best_val_loss"], rel=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_patience_zero_trains_every_step_and_keeps_the_last_weights(tokenizer, text):
+    model = helpers.apply_strategy(tiny_model("qwen2"), "full_fine_tuning")
+    train_data, val_data = loaders(tokenizer, text)
+    history = helpers.train(model, train_data, val_data, early(steps=12, patience=0))
+    attrs = history.attrs
+    assert history["step"].tolist() == list(range(13))
+    assert attrs["stopped_early_at"] is None and attrs["best_step"] is None and attrs["best_val_loss"] is None
+    # The validation loss rises after its minimum (step 6), yet the last weights stay.
+    assert history["val_loss"].iloc[-1] > history["val_loss"].min()
+    assert evaluate_loss(model, val_data) == pytest.approx(history["val_loss"].iloc[-1], rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"patience": -1}, "patience must be >= 0"), ({"patience": 2, "eval_every": 0}, "eval_every >= 1"),
+])
+def test_impossible_patience_is_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**overrides).check()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("strategy, lr", [("gradual_unfreezing", 3e-2), ("lora", 1e-1)])
+def test_early_stopping_restores_the_best_weights_of_other_strategies(tokenizer, text, strategy, lr):
+    model = helpers.apply_strategy(tiny_model("qwen2"), strategy)
+    train_data, val_data = loaders(tokenizer, text)
+    history = helpers.train(model, train_data, val_data, early(lr=lr))
+    attrs = history.attrs
+    checked = history.dropna(subset=["val_loss"])
+    assert attrs["stopped_early_at"] is not None and 0 < attrs["best_step"] < attrs["stopped_early_at"]
+    assert attrs["best_val_loss"] == checked["val_loss"].min() < checked["val_loss"].iloc[-1]
+    assert evaluate_loss(model, val_data) == pytest.approx(attrs["best_val_loss"], rel=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_patience_running_out_at_the_last_step_is_not_an_early_stop(tokenizer, text):
+    model = helpers.apply_strategy(tiny_model("llama"), "full_fine_tuning")
+    train_data, val_data = loaders(tokenizer, text)
+    # lr 1.0 never beats the start: patience 2 runs out at step 2, which is also the last step.
+    history = helpers.train(model, train_data, val_data, early(lr=1.0, steps=2))
+    assert history["step"].max() == 2
+    assert history.attrs["stopped_early_at"] is None and history.attrs["best_step"] == 0

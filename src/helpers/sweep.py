@@ -36,7 +36,11 @@ ORDER = ["full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapte
 """Every strategy of the tutorial, in the order the notebooks introduce them."""
 
 REPORT_STRATEGIES = ["full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapter_layers"]
-"""The report's four strategies, in its table's order of rows by name."""
+"""The report's four strategies, in the order the notebooks introduce them."""
+
+RESUME_RTOL = 1e-3
+"""How close a re-trained run's best validation loss must come to its record for a resumed sweep to go on: another
+machine changes the last digits, which a few AdamW steps carry forward; a different run would differ by far more."""
 
 
 @dataclass(frozen=True)
@@ -194,8 +198,12 @@ def plan_steps(n_blocks: int, spec: SweepSpec, tokens_per_block: int) -> tuple[i
 
 
 def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr: float, seed: int,
-              spec: SweepSpec) -> tuple[nn.Module, dict]:
-    """Return (the trained copy of `base` holding its best-validation weights, its record without test figures)."""
+              spec: SweepSpec, *, n_prefix: int = 0) -> tuple[nn.Module, dict]:
+    """Return (the trained copy of `base` holding its best-validation weights, its record without test figures).
+
+    `n_prefix` is the length of the special prefix (a BOS) that leads every block: context, not text, so the token
+    cap counts only the text tokens behind it.
+    """
     import copy
 
     import torch
@@ -205,7 +213,9 @@ def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr
 
     torch.manual_seed(seed)  # LoRA's initialisation is drawn inside apply_strategy
     model = apply_strategy(copy.deepcopy(base), strategy)
-    cap, per_epoch, every = plan_steps(len(blocks), spec, blocks.shape[1])
+    # Gradual unfreezing trains more as it goes, so record what trains at the start and at the stop.
+    trainable_start = count_parameters(model)[0]
+    cap, per_epoch, every = plan_steps(len(blocks), spec, blocks.shape[1] - n_prefix)
     config = TrainConfig(
         steps=cap, lr=lr, warmup_steps=max(1, round(spec.warmup_fraction * cap)), min_lr_ratio=spec.min_lr_ratio,
         grad_clip=spec.grad_clip, weight_decay=0.0, eval_every=every, eval_batches=None, seed=seed,
@@ -221,7 +231,7 @@ def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr
     checked = history.dropna(subset=["val_loss"])
     record = {
         "strategy": strategy, "lr": lr, "seed": seed,
-        "trainable_params": trainable, "total_params": total,
+        "trainable_params": trainable_start, "trainable_params_at_stop": trainable, "total_params": total,
         "blocks": len(blocks), "tokens_per_block": int(blocks.shape[1]),
         "max_steps": cap, "steps_per_epoch": per_epoch, "eval_every": every,
         "steps_run": steps_run, "epochs_run": steps_run / per_epoch,
@@ -282,9 +292,10 @@ class Sweep:
         self.commit, self.progress = commit, progress
         self.model, self.tokenizer = model_and_tokenizer or load_model(model_name)
         self.model.eval()
+        self.prefix = special_prefix(self.tokenizer)
+        self._check_context()
         self.model_name = model_name or (default_model_name() if model_and_tokenizer is None else type(self.model).__name__)
         self.corpus = corpus_data or load_corpus(corpus)
-        self.prefix = special_prefix(self.tokenizer)
         self.train_ids = tokenize(self.tokenizer, self.corpus.train)
         self.test_ids = tokenize(self.tokenizer, self.corpus.test)
         self.val_data = _loader(validation_subset(self.tokenizer, self.corpus, self.spec), self.spec.batch_size,
@@ -295,16 +306,31 @@ class Sweep:
                 raise ValueError(f"Size {label!r} asks for {n} training tokens; the train split has {self.train_ids.numel()}.")
         self._claim()
 
+    def _check_context(self) -> None:
+        config = self.model.config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # Training blocks are the prefix plus block_size text tokens; test windows hold eval_block_size in all.
+        longest = max(self.spec.block_size + len(self.prefix), self.spec.eval_block_size)
+        if context is not None and context < longest:
+            raise ValueError(
+                f"{type(self.model).__name__} reads at most {context} positions, but the sweep feeds "
+                f"{longest}-token windows (block_size {self.spec.block_size}, eval_block_size "
+                f"{self.spec.eval_block_size}, prefix {len(self.prefix)}). Use a model with a longer context or "
+                "a SweepSpec with smaller windows."
+            )
+
     # - the header file: refuse to mix two sweeps -
 
     def header(self) -> dict:
         """Return what sweep.json records: spec, model, corpus, code hash, versions, machine."""
+        from .data import tokenize
         return {
             "spec": self.spec.as_json(),
             "model": self.model_name,
             "corpus": {split: {"documents": len(getattr(self.corpus, split)),
-                               "tokens": int(ids.numel()) if ids is not None else None}
-                       for split, ids in (("train", self.train_ids), ("validation", None), ("test", self.test_ids))},
+                               "tokens": len(tokenize(self.tokenizer, getattr(self.corpus, split))),
+                               "sha256": hashlib.sha256("\0".join(getattr(self.corpus, split)).encode()).hexdigest()[:16]}
+                       for split in ("train", "validation", "test")},
             "code_hash": code_hash(),
         }
 
@@ -371,7 +397,8 @@ class Sweep:
 
     def _run(self, size: str, strategy: str, lr: float, seed: int, phase: str) -> tuple[nn.Module, dict]:
         blocks, offset = self.data(size, seed)
-        model, record = train_run(self.model, blocks, self.val_data, strategy, lr, seed, self.spec)
+        model, record = train_run(self.model, blocks, self.val_data, strategy, lr, seed, self.spec,
+                                  n_prefix=len(self.prefix))
         record.update(size=size, train_tokens=int(self.sizes[size]), offset=offset, phase=phase)
         return model, record
 
@@ -414,7 +441,7 @@ class Sweep:
                     model = models.get(chosen)
                     if model is None:  # a resumed sweep: train the chosen run again; it must reproduce its record
                         model, again = self._run(size, strategy, chosen, 0, "grid")
-                        if not math.isclose(again["best_val_loss"], first["best_val_loss"], rel_tol=1e-5):
+                        if not math.isclose(again["best_val_loss"], first["best_val_loss"], rel_tol=RESUME_RTOL):
                             raise RuntimeError(
                                 f"Re-training {size}/{strategy} at lr {chosen:g} gave validation loss "
                                 f"{again['best_val_loss']:.6f}, not the recorded {first['best_val_loss']:.6f}: the "
@@ -593,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep.run_report()
         if args.part in ("all", "grid"):
             sweep.run_grid()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: a model or corpus that cannot be read
         print(f"helpers.sweep: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -316,7 +316,7 @@ def train(
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}")
                 if callback is not None:
                     callback(dict(row))
-                if config.patience and best["misses"] >= config.patience:
+                if config.patience and best["misses"] >= config.patience and step < config.steps:
                     stopped_at = step
                     break
     except KeyboardInterrupt:

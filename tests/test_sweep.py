@@ -1,0 +1,398 @@
+"""helpers.sweep on tiny models: the grid's files, resuming, the report's protocol, refusals, data, command line."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformers import AutoModelForCausalLM
+
+import helpers
+from helpers.data import Corpus
+from helpers.sweep import (
+    REPORT_STRATEGIES, Sweep, SweepSpec, choose_lr, code_hash, main, plan_steps, run_path, subset, training_blocks,
+)
+
+from conftest import char_tokenizer, tiny_config, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RUST = (
+    "fn main() { let owner = String::from(\"value\"); let borrowed = &owner; println!(\"{borrowed}\"); }\n"
+    "Ownership moves the value; borrowing lends it without moving. "
+)
+CORPUS = Corpus(train=[RUST * 4, RUST * 3], validation=[RUST * 2], test=[RUST])
+SPEC = SweepSpec(sizes={"8": 8, "64": 64}, strategies=("full_fine_tuning", "freeze_lower_layers"), seeds=2,
+                 block_size=32, val_blocks=2, max_tokens=512, report_draws=2, eval_block_size=64)
+RUNS_PER_CELL = len(SPEC.lrs) + SPEC.seeds - 1
+TOTAL_RUNS = len(SPEC.sizes) * len(SPEC.strategies) * RUNS_PER_CELL
+TIMING = {"seconds", "train_seconds"}
+TOKENIZER = char_tokenizer(bos=False)
+
+
+def new_sweep(out: Path, spec: SweepSpec = SPEC, corpus: Corpus = CORPUS) -> Sweep:
+    return Sweep(out, spec, model_and_tokenizer=(tiny_model("qwen2"), TOKENIZER), corpus_data=corpus, progress=False)
+
+
+def result_files(out: Path, part: str) -> dict[str, dict]:
+    """Return {path relative to out: JSON} of every result file of `part` ('runs' or 'report')."""
+    return {str(p.relative_to(out)): json.loads(p.read_text()) for p in sorted((out / part).rglob("*.json"))}
+
+
+def assert_same_numbers(a, b, where: str = "") -> None:
+    """Assert two JSON values are equal, numbers to rel 1e-6, timing fields ignored."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) - TIMING == set(b) - TIMING, where
+        for key in set(a) - TIMING:
+            assert_same_numbers(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_numbers(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert b == pytest.approx(a, rel=1e-6), where
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the runs are tiny, and on a busy 2-core machine a second thread mostly waits (100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A sweep run from start to end without interruption: the grid, then the report's protocol."""
+    out = tmp_path_factory.mktemp("sweep") / "ref"
+    sweep = new_sweep(out)
+    assert sweep.run_grid() == TOTAL_RUNS
+    assert sweep.run_report() == SPEC.report_draws
+    return out
+
+
+# --- 1. the grid's files ----------------------------------------------------------------------------------------------
+
+REQUIRED = ("strategy", "lr", "seed", "size", "train_tokens", "offset", "trainable_params", "max_steps", "steps_run",
+            "best_step", "best_val_loss", "val_curve", "train_seconds")
+
+
+def test_each_cell_has_the_grid_and_the_seeds_at_the_rate_with_the_lowest_validation_loss(finished):
+    for size, n_tokens in SPEC.sizes.items():
+        for strategy in SPEC.strategies:
+            folder = finished / "runs" / size / strategy
+            grid = {lr: json.loads(run_path(finished, size, strategy, lr, 0).read_text()) for lr in SPEC.lrs}
+            lowest = min(grid[lr]["best_val_loss"] for lr in SPEC.lrs)
+            chosen = min(lr for lr in SPEC.lrs if grid[lr]["best_val_loss"] == lowest)
+            assert choose_lr(grid) == chosen
+            expected = {run_path(finished, size, strategy, lr, 0) for lr in SPEC.lrs}
+            expected |= {run_path(finished, size, strategy, chosen, s) for s in range(1, SPEC.seeds)}
+            assert set(folder.glob("*.json")) == expected
+            records = [json.loads(p.read_text()) for p in expected]
+            final = [r for r in records if r.get("final")]
+            assert len(final) == SPEC.seeds and sorted(r["seed"] for r in final) == list(range(SPEC.seeds))
+            for r in final:
+                assert r["lr"] == r["chosen_lr"] == chosen
+                assert math.isfinite(r["test_ppl"]) and r["test_ppl"] > 1
+            for lr in set(SPEC.lrs) - {chosen}:
+                # Test perplexity is measured once per final model, never for a rate that lost on validation.
+                assert "test_ppl" not in grid[lr] and "final" not in grid[lr]
+            for r in records:
+                assert all(key in r for key in REQUIRED), set(REQUIRED) - set(r)
+                assert (r["size"], r["strategy"], r["train_tokens"]) == (size, strategy, n_tokens)
+                assert r["phase"] == ("grid" if r["seed"] == 0 else "seed")
+            # Every seed-0 run of a size reads the same subset; another seed another one.
+            assert len({grid[lr]["offset"] for lr in SPEC.lrs}) == 1
+            assert all(r["offset"] != grid[chosen]["offset"] for r in final if r["seed"] > 0)
+            assert len({r["trainable_params"] for r in records}) == 1
+
+
+def test_each_run_records_its_best_validation_and_where_it_stopped(finished):
+    files = result_files(finished, "runs")
+    assert len(files) == TOTAL_RUNS
+    start_losses = set()
+    for name, r in files.items():
+        steps = [s for s, _ in r["val_curve"]]
+        losses = [v for _, v in r["val_curve"]]
+        assert steps[0] == 0 and steps == sorted(steps) and steps[-1] == r["steps_run"], name
+        assert r["best_val_loss"] == min(losses), name
+        assert r["best_step"] == steps[losses.index(min(losses))], name
+        assert r["start_val_loss"] == losses[0]
+        start_losses.add(round(losses[0], 9))
+        assert 1 <= r["steps_run"] <= r["max_steps"]
+        assert r["steps_run"] == (r["stopped_early_at"] or r["max_steps"]), name
+        if r["stopped_early_at"] is not None:
+            # patience validations in a row without a new best, right before the stop
+            assert r["best_step"] == steps[-1 - SPEC.patience], name
+        assert [s for s, _ in r["train_curve"]] == list(range(1, r["steps_run"] + 1))
+    # These strategies train a copy of the same model, so every run starts from the same validation loss.
+    assert len(start_losses) == 1
+    # Size 8 is one block of 8 tokens (capped by 20 epochs); size 64 two blocks of 32 (capped by 512 tokens).
+    small = files["runs/8/full_fine_tuning/lr0.0001-seed0.json"]
+    big = files["runs/64/full_fine_tuning/lr0.0001-seed0.json"]
+    assert (small["blocks"], small["tokens_per_block"], small["max_steps"]) == (1, 8, 20)
+    assert (big["blocks"], big["tokens_per_block"], big["max_steps"]) == (2, 32, 512 // (2 * 32))
+    assert any(r["stopped_early_at"] is not None for r in files.values())
+
+
+def test_sweep_json_records_spec_model_corpus_code_and_machine(finished):
+    header = json.loads((finished / "sweep.json").read_text())
+    assert header["spec"] == SPEC.as_json() and header["spec"]["sizes"] == {"8": 8, "64": 64}
+    assert header["model"] == "Qwen2ForCausalLM"
+    corpus = header["corpus"]
+    assert {k: corpus["train"][k] for k in ("documents", "tokens")} == {"documents": 2, "tokens": len("\n\n".join(CORPUS.train))}
+    assert {k: corpus["test"][k] for k in ("documents", "tokens")} == {"documents": 1, "tokens": len(RUST)}
+    assert corpus["validation"]["documents"] == 1
+    assert len({corpus[split]["sha256"] for split in ("train", "validation", "test")}) == 3
+    assert header["code_hash"] == code_hash() and len(code_hash()) == 16
+    assert header["versions"]["torch"] == importlib.metadata.version("torch")
+    assert header["versions"]["transformers"] == importlib.metadata.version("transformers")
+    assert header["machine"]["cpus"] == os.cpu_count() and header["machine"]["device"] == "cpu"
+    assert len(header["sessions"]) == 1 and header["sessions"][0]["runs"] == TOTAL_RUNS
+
+
+# --- 2. resuming ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stops", [(2,), (3,), (2, 1, 6)], ids=["mid-grid", "after-grid", "three-sessions"])
+def test_a_killed_sweep_resumes_to_the_same_files(finished, tmp_path, stops):
+    out = tmp_path / "out"
+    done = 0
+    for k in stops:
+        assert new_sweep(out).run_grid(stop_after=k) == k
+        done += k
+        assert len(result_files(out, "runs")) == done
+        if done <= len(SPEC.lrs):
+            # Stopped inside or right after the first cell's grid: its test perplexity is not measured yet.
+            assert not any("test_ppl" in r for r in result_files(out, "runs").values())
+    assert new_sweep(out).run_grid() == TOTAL_RUNS - done
+    assert_same_numbers(result_files(finished, "runs"), result_files(out, "runs"))
+    sessions = json.loads((out / "sweep.json").read_text())["sessions"]
+    assert [s["runs"] for s in sessions] == [*stops, TOTAL_RUNS - done]
+
+
+def test_a_finished_sweep_trains_nothing_again(finished, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("draw-*.json")} | {
+        p.relative_to(out): p.read_bytes() for p in (out / "runs").rglob("*.json")}
+    sweep = new_sweep(out)
+    assert sweep.run_grid() == 0 and sweep.run_report() == 0
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("draw-*.json")} | {
+        p.relative_to(out): p.read_bytes() for p in (out / "runs").rglob("*.json")}
+    assert after == before
+    assert [s["runs"] for s in json.loads((out / "sweep.json").read_text())["sessions"]] == [TOTAL_RUNS, 0]
+
+
+# --- 3. the report's protocol -----------------------------------------------------------------------------------------
+
+def test_report_draws_hold_the_four_strategies_and_their_improvement(finished):
+    files = result_files(finished, "report")
+    assert sorted(files) == [f"report/draw-{d}.json" for d in range(SPEC.report_draws)]
+    base = tiny_model("qwen2")
+    train_text = "\n\n".join(CORPUS.train)
+    total = helpers.count_parameters(base)[1]
+    for d in range(SPEC.report_draws):
+        r = files[f"report/draw-{d}.json"]
+        assert r["draw"] == d and list(r["runs"]) == REPORT_STRATEGIES
+        # The character tokenizer makes offsets character positions.
+        assert r["train_text"] == train_text[r["train_offset"]: r["train_offset"] + SPEC.report_tokens]
+        assert r["test_text"] == RUST[r["test_offset"]: r["test_offset"] + SPEC.report_tokens]
+        assert r["baseline_seq_ppl"] == pytest.approx(helpers.perplexity(base, TOKENIZER, r["test_text"]), rel=1e-5)
+        assert r["baseline_test_ppl"] == pytest.approx(helpers.perplexity(base, TOKENIZER, CORPUS.test, block_size=SPEC.eval_block_size), rel=1e-5)
+        for strategy, run in r["runs"].items():
+            assert run["improvement_pct"] == pytest.approx(100 * (1 - run["seq_ppl"] / r["baseline_seq_ppl"]), rel=1e-9)
+            assert math.isfinite(run["test_ppl"]) and run["test_ppl"] > 1
+            assert run["seq_ppl"] != r["baseline_seq_ppl"]  # it trained
+            assert run["train_loss_last"] < run["train_loss_first"]
+        assert r["runs"]["full_fine_tuning"]["trainable_params"] == total
+        assert r["runs"]["freeze_lower_layers"]["trainable_params"] < r["runs"]["full_fine_tuning"]["trainable_params"]
+    offsets = {(r["train_offset"], r["test_offset"]) for r in files.values()}
+    assert len(offsets) == SPEC.report_draws
+    assert len({r["train_offset"] for r in files.values()}) == SPEC.report_draws
+
+
+def test_report_resumes_to_the_same_draws(finished, tmp_path):
+    out = tmp_path / "out"
+    assert new_sweep(out).run_report(stop_after=1) == 1
+    assert sorted(result_files(out, "report")) == ["report/draw-0.json"]
+    assert new_sweep(out).run_report() == SPEC.report_draws - 1
+    assert_same_numbers(result_files(finished, "report"), result_files(out, "report"))
+    assert not (out / "runs").exists()
+
+
+# --- 4. refusals ------------------------------------------------------------------------------------------------------
+
+def test_another_spec_or_corpus_in_the_same_folder_is_refused(finished):
+    before = (finished / "sweep.json").read_text()
+    with pytest.raises(ValueError, match=r"another spec") as err:
+        new_sweep(finished, replace(SPEC, lrs=(1e-3,)))
+    assert "corpus" not in str(err.value) and "model" not in str(err.value)
+    with pytest.raises(ValueError, match=r"another corpus"):
+        new_sweep(finished, corpus=Corpus(train=[RUST * 5], validation=CORPUS.validation, test=CORPUS.test))
+    assert (finished / "sweep.json").read_text() == before
+
+
+def test_unknown_strategy_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"Unknown strategies \['nope'\]") as err:
+        SweepSpec(strategies=("nope",)).check()
+    assert all(name in str(err.value) for name in ("full_fine_tuning", "lora", "gradual_unfreezing"))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("sizes", {"x": 1}, "Size 'x'"), ("sizes", {}, "at least one"), ("lrs", (0.0,), "positive"),
+    ("seeds", 0, "seeds"), ("val_blocks", 0, "val_blocks"), ("block_size", 1, "block_size"),
+])
+def test_impossible_spec_is_refused(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SweepSpec(**{field: value}).check()
+
+
+def test_size_larger_than_the_train_split_is_refused(tmp_path):
+    n_train = len("\n\n".join(CORPUS.train))
+    with pytest.raises(ValueError, match=rf"asks for {n_train + 1} training tokens; the train split has {n_train}"):
+        new_sweep(tmp_path / "out", replace(SPEC, sizes={"big": n_train + 1}))
+    assert not (tmp_path / "out").exists()  # refused before claiming the folder
+    with pytest.raises(ValueError, match="fewer than"):
+        subset(torch.arange(10), 11, 0)
+
+
+def test_too_few_validation_blocks_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--val-blocks"):
+        new_sweep(tmp_path / "out", replace(SPEC, val_blocks=11))
+
+
+def test_bad_sizes_on_the_command_line_exit_2(tmp_path, capsys):
+    assert main(["--sizes", "bad", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("helpers.sweep: error: --sizes takes LABEL=TOKENS") and "'bad'" in err
+
+
+def test_help_names_the_parts():
+    done = subprocess.run([sys.executable, "-m", "helpers.sweep", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0
+    for option in ("--part", "--sizes", "--strategies", "--lrs", "--seeds", "--val-blocks", "--out", "--no-progress"):
+        assert option in done.stdout
+
+
+# --- 5. data ----------------------------------------------------------------------------------------------------------
+
+def test_subset_offset_depends_on_the_seed_only():
+    ids = torch.arange(1000)
+    spans = {seed: subset(ids, 8, seed) for seed in range(5)}
+    assert len({offset for _, offset in spans.values()}) == 5
+    for seed, (span, offset) in spans.items():
+        assert torch.equal(span, torch.arange(offset, offset + 8)) and 0 <= offset <= 992
+        again, same = subset(ids, 8, seed)
+        assert same == offset and torch.equal(again, span)
+    whole, offset = subset(ids, None, 3)
+    assert offset == 0 and torch.equal(whole, ids)
+    assert subset(ids, 1000, 3)[1] == 0
+
+
+def test_training_blocks_start_with_the_prefix():
+    span = torch.arange(10, 18)
+    blocks = training_blocks(span, 128, [1])
+    assert blocks.shape == (1, 9) and blocks[0, 0] == 1 and torch.equal(blocks[0, 1:], span)
+    assert torch.equal(training_blocks(span, 128, []), span[None])
+    # A longer subset is cut into blocks of block_size text tokens, the tail dropped.
+    long = training_blocks(torch.arange(70), 32, [1])
+    assert long.shape == (2, 33) and (long[:, 0] == 1).all() and torch.equal(long[1, 1:], torch.arange(32, 64))
+
+
+def test_plan_caps_tiny_subsets_by_epochs_and_big_ones_by_tokens():
+    spec = SweepSpec()  # batch 4, 20 epochs, 8,192 tokens, validate every 4 steps at most
+    # One 9-token block: 1 step an epoch, 20 epochs = 20 steps (8192 // 9 = 910 would allow more); validate every step.
+    assert plan_steps(1, spec, 9) == (20, 1, 1)
+    # Two 128-token blocks: one batch of 2 an epoch; 20 epochs (20 steps) come before 8192 // 256 = 32 steps.
+    assert plan_steps(2, spec, 128) == (20, 1, 1)
+    # Six blocks: 2 steps an epoch (4 + 2); 8192 // (4 * 128) = 16 steps before 40; validate every epoch.
+    assert plan_steps(6, spec, 128) == (16, 2, 2)
+    # 64 blocks: 16 steps an epoch, 16 steps by tokens; validate every 4 steps.
+    assert plan_steps(64, spec, 128) == (16, 16, 4)
+    # A token cap smaller than one batch still allows one step.
+    assert plan_steps(4, SweepSpec(max_tokens=10), 128) == (1, 1, 1)
+
+
+# --- 6. the command line ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_setup(tmp_path, monkeypatch):
+    """A tiny Llama saved with a BOS-adding character tokenizer, and a corpus folder of five Rust-like documents."""
+    monkeypatch.setenv("TUTORIAL_CACHE", str(tmp_path / "cache"))
+    model_dir, corpus = tmp_path / "model", tmp_path / "corpus"
+    # The default spec feeds 129-token blocks and 256-token test windows: give the model room for them.
+    config = tiny_config("llama")
+    config.max_position_embeddings = 512
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    char_tokenizer(bos=True).save_pretrained(model_dir)
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"doc{i}.md").write_text(f"# Note {i}\n\n" + RUST * 6)
+    return model_dir, corpus
+
+
+def test_command_runs_the_grid_on_a_tiny_model(tiny_setup, tmp_path, capsys):
+    model_dir, corpus = tiny_setup
+    out = tmp_path / "out"
+    status = main(["--part", "grid", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(out),
+                   "--sizes", "8=8", "32=32", "--strategies", "full_fine_tuning", "lora", "--seeds", "2",
+                   "--val-blocks", "1", "--no-progress"])
+    assert status == 0, capsys.readouterr().err
+    assert "Sweep finished" in capsys.readouterr().out
+    header = json.loads((out / "sweep.json").read_text())
+    assert header["model"] == str(model_dir)
+    assert header["spec"]["sizes"] == {"8": 8, "32": 32}
+    assert header["spec"]["strategies"] == ["full_fine_tuning", "lora"]
+    assert (header["spec"]["seeds"], header["spec"]["val_blocks"], header["spec"]["block_size"]) == (2, 1, 128)
+    assert not (out / "report").exists()  # --part grid only
+    files = result_files(out, "runs")
+    assert len(files) == 2 * 2 * (len(SPEC.lrs) + 1)
+    for size in ("8", "32"):
+        trainable = {}
+        for strategy in ("full_fine_tuning", "lora"):
+            cell = [r for name, r in files.items() if name.startswith(f"runs/{size}/{strategy}/")]
+            final = [r for r in cell if r.get("final")]
+            assert len(final) == 2 and all(r["test_ppl"] > 1 for r in final)
+            # The BOS tokenizer's prefix leads every block: one block of size + 1 tokens.
+            assert {(r["blocks"], r["tokens_per_block"]) for r in cell} == {(1, int(size) + 1)}
+            trainable[strategy] = cell[0]["trainable_params"]
+        assert 0 < trainable["lora"] < trainable["full_fine_tuning"]
+
+
+def test_a_model_too_short_for_the_windows_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="reads at most 128 positions.*256-token windows"):
+        Sweep(tmp_path, SweepSpec(val_blocks=1), model_and_tokenizer=(tiny_model("gpt2"), TOKENIZER), corpus_data=CORPUS)
+    assert not (tmp_path / "sweep.json").exists()
+
+
+def test_a_model_that_cannot_be_read_exits_2(tmp_path, capsys):
+    status = main(["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert status == 2
+    assert "helpers.sweep: error:" in capsys.readouterr().err
+
+
+def test_other_validation_text_of_the_same_size_is_refused(finished):
+    out = finished
+    changed = Corpus(train=CORPUS.train, validation=[RUST.replace("value", "VALUE") * 2], test=CORPUS.test)
+    with pytest.raises(ValueError, match="corpus"):
+        new_sweep(out, corpus=changed)
+
+
+def test_gradual_unfreezing_records_what_trains_at_the_start_and_at_the_stop(tmp_path):
+    spec = SweepSpec(sizes={"64": 64}, strategies=("gradual_unfreezing",), seeds=1, block_size=32, val_blocks=2,
+                     max_tokens=2048, eval_block_size=64, lrs=(1e-3,))
+    new_sweep(tmp_path, spec).run_grid()
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("*.json")]
+    assert record["trainable_params"] < record["trainable_params_at_stop"] <= record["total_params"]
