@@ -1,0 +1,306 @@
+"""Reading the sweep's results (results/sweep): tables, paired seed comparisons, figures, and re-running one run live."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .sweep import ORDER, REPORT_STRATEGIES, SweepSpec, default_out, run_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from .data import Corpus
+
+RUN_COLUMNS = ["size", "train_tokens", "strategy", "lr", "seed", "phase", "final", "chosen_lr", "best_val_loss",
+               "start_val_loss", "best_step", "steps_run", "max_steps", "epochs_run", "stopped_early_at", "test_ppl",
+               "trainable_params", "trainable_params_at_stop", "train_seconds", "seconds"]
+
+REPORT_FINDINGS = {"full_fine_tuning": 73.6, "freeze_embeddings": 86.6, "freeze_lower_layers": 88.9, "adapter_layers": 20.3}
+"""The report's 'improvement %' per strategy, as printed in its table (helpers.compare.REPORT_ROWS)."""
+
+_COLORS = {"full_fine_tuning": "#1b9e77", "freeze_embeddings": "#d95f02", "freeze_lower_layers": "#7570b3",
+           "adapter_layers": "#e7298a", "lora": "#66a61e", "gradual_unfreezing": "#a6761d"}
+
+
+def _folder(folder: str | Path | None) -> Path:
+    path = Path(folder) if folder is not None else default_out()
+    if not (path / "sweep.json").is_file():
+        raise FileNotFoundError(f"{path} holds no sweep (no sweep.json). Run `python -m helpers.sweep` to make one.")
+    return path
+
+
+def sweep_header(folder: str | Path | None = None) -> dict:
+    """Return sweep.json: the spec, model, corpus, code hash, versions, machine and sessions of a sweep."""
+    return json.loads((_folder(folder) / "sweep.json").read_text())
+
+
+def sweep_spec(folder: str | Path | None = None) -> SweepSpec:
+    """Return the SweepSpec a sweep was run with."""
+    data = dict(sweep_header(folder)["spec"])
+    data["strategies"], data["lrs"] = tuple(data["strategies"]), tuple(data["lrs"])
+    return SweepSpec(**data)
+
+
+def sweep_runs(folder: str | Path | None = None) -> pd.DataFrame:
+    """Return one row per finished run of the grid (RUN_COLUMNS), sizes in the spec's order, strategies in ORDER."""
+    import pandas as pd
+
+    path = _folder(folder)
+    rows = []
+    for file in sorted((path / "runs").glob("*/*/*.json")):
+        record = json.loads(file.read_text())
+        rows.append({c: record.get(c) for c in RUN_COLUMNS} | {"val_curve": record.get("val_curve")})
+    frame = pd.DataFrame(rows, columns=RUN_COLUMNS + ["val_curve"])
+    sizes = list(sweep_header(path)["spec"]["sizes"])
+    frame["size"] = pd.Categorical(frame["size"], categories=sizes, ordered=True)
+    frame["strategy"] = pd.Categorical(frame["strategy"], categories=[s for s in ORDER if s in set(frame["strategy"])]
+                                       + sorted(set(frame["strategy"]) - set(ORDER)), ordered=True)
+    frame["final"] = frame["final"].fillna(False).astype(bool)
+    return frame.sort_values(["size", "strategy", "lr", "seed"]).reset_index(drop=True)
+
+
+def baseline_test_ppl(folder: str | Path | None = None) -> float:
+    """Return the untrained model's test perplexity, as the sweep's report part measured it."""
+    draws = sorted((_folder(folder) / "report").glob("draw-*.json"))
+    if not draws:
+        raise FileNotFoundError("The sweep's report part has not run yet: no report/draw-*.json.")
+    return float(json.loads(draws[0].read_text())["baseline_test_ppl"])
+
+
+def completeness(runs: pd.DataFrame, spec: SweepSpec) -> dict[str, int]:
+    """Return {'cells': planned size x strategy cells, 'complete': cells with all their final seeds}."""
+    finals = runs[runs["final"]].groupby(["size", "strategy"], observed=True).size()
+    complete = int((finals >= spec.seeds).sum())
+    return {"cells": len(spec.sizes) * len(spec.strategies), "complete": complete}
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return one row per (size, strategy): chosen rate, seeds, test perplexity mean / std / min / max, epochs, best step."""
+    finals = runs[runs["final"]]
+    grouped = finals.groupby(["size", "strategy"], observed=True)
+    table = grouped.agg(
+        train_tokens=("train_tokens", "first"), lr=("chosen_lr", "first"), seeds=("seed", "count"),
+        test_mean=("test_ppl", "mean"), test_std=("test_ppl", "std"), test_min=("test_ppl", "min"),
+        test_max=("test_ppl", "max"), val_loss=("best_val_loss", "mean"), epochs_run=("epochs_run", "mean"),
+        best_step=("best_step", "mean"), trainable_params=("trainable_params", "first"),
+    )
+    return table
+
+
+def rate_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return the best validation loss of every seed-0 grid run: rows (size, strategy), one column per rate, and the choice."""
+    grid = runs[runs["seed"] == 0].pivot_table(index=["size", "strategy"], columns="lr", values="best_val_loss",
+                                              observed=True)
+    grid.columns = [f"val loss @ {lr:g}" for lr in grid.columns]
+    grid["chosen lr"] = runs[runs["final"] & (runs["seed"] == 0)].set_index(["size", "strategy"])["chosen_lr"]
+    return grid
+
+
+def paired_differences(runs: pd.DataFrame, size: str, a: str, b: str) -> list[float]:
+    """Return test perplexity of `a` minus that of `b` at `size`, seed by seed (the same subset and order for both)."""
+    finals = runs[runs["final"] & (runs["size"] == size)]
+    pa = finals[finals["strategy"] == a].set_index("seed")["test_ppl"]
+    pb = finals[finals["strategy"] == b].set_index("seed")["test_ppl"]
+    seeds = sorted(set(pa.index) & set(pb.index))
+    if not seeds:
+        raise ValueError(f"No seed has final runs of both {a} and {b} at size {size}.")
+    return [float(pa[s] - pb[s]) for s in seeds]
+
+
+def verdicts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return, per size, the best strategy by mean test perplexity and, for every other, whether it is within noise of it.
+
+    "Clearly worse" means worse on every seed, by a mean paired gap above twice the paired gaps' standard deviation;
+    otherwise the two are called within noise of each other at this number of seeds.
+    """
+    import pandas as pd
+
+    table = summary_table(runs)
+    rows = []
+    for size in table.index.get_level_values("size").unique():
+        means = table.loc[size, "test_mean"].dropna()
+        best = means.idxmin()
+        for strategy in means.index:
+            gaps = paired_differences(runs, size, strategy, best) if strategy != best else [0.0]
+            mean_gap = statistics.fmean(gaps)
+            sd = statistics.stdev(gaps) if len(gaps) > 1 else float("nan")
+            clearly = strategy != best and all(g > 0 for g in gaps) and len(gaps) > 1 and mean_gap > 2 * sd
+            rows.append({"size": size, "strategy": strategy, "best": best, "gap_mean": mean_gap, "gap_sd": sd,
+                         "worse_on_every_seed": strategy != best and all(g > 0 for g in gaps),
+                         "clearly_worse": clearly})
+    return pd.DataFrame(rows).set_index(["size", "strategy"])
+
+
+def report_draws(folder: str | Path | None = None) -> pd.DataFrame:
+    """Return the report's protocol redone: one row per (draw, strategy) with 8-token and test-split perplexities and ranks."""
+    import pandas as pd
+
+    rows = []
+    for file in sorted((_folder(folder) / "report").glob("draw-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        draw = json.loads(file.read_text())
+        for strategy, run in draw["runs"].items():
+            rows.append({"draw": draw["draw"], "strategy": strategy, "baseline_seq_ppl": draw["baseline_seq_ppl"],
+                         "seq_ppl": run["seq_ppl"], "improvement_pct": run["improvement_pct"],
+                         "baseline_test_ppl": draw["baseline_test_ppl"], "test_ppl": run["test_ppl"],
+                         "trainable_params": run["trainable_params"], "train_text": draw["train_text"],
+                         "test_text": draw["test_text"]})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        raise FileNotFoundError("The sweep's report part has not run yet: no report/draw-*.json.")
+    frame["rank_seq"] = frame.groupby("draw")["seq_ppl"].rank(method="min").astype(int)
+    frame["rank_test"] = frame.groupby("draw")["test_ppl"].rank(method="min").astype(int)
+    frame["strategy"] = pd.Categorical(frame["strategy"], categories=REPORT_STRATEGIES, ordered=True)
+    return frame.sort_values(["draw", "strategy"]).reset_index(drop=True)
+
+
+def rank_counts(draws: pd.DataFrame, column: str = "rank_seq") -> pd.DataFrame:
+    """Return how many draws put each strategy at each rank (1 = best) by `column`."""
+    counts = draws.pivot_table(index="strategy", columns=column, values="draw", aggfunc="count", fill_value=0,
+                               observed=True)
+    counts.columns = [f"rank {c}" for c in counts.columns]
+    return counts
+
+
+# --- figures -------------------------------------------------------------------------------------------------------
+
+def plot_size_curves(runs: pd.DataFrame, *, baseline: float | None = None) -> Figure:
+    """Return test perplexity against training tokens (log x): one line per strategy (mean of seeds), a min-max band."""
+    from .plotting import new_figure
+
+    table = summary_table(runs).reset_index()
+    fig = new_figure(7.5, 4.4)
+    ax = fig.add_subplot()
+    for strategy, rows in table.groupby("strategy", observed=True):
+        color = _COLORS.get(strategy)
+        ax.plot(rows["train_tokens"], rows["test_mean"], "o-", color=color, lw=1.6, ms=4,
+                label=strategy.replace("_", " "))
+        ax.fill_between(rows["train_tokens"], rows["test_min"], rows["test_max"], color=color, alpha=0.15, lw=0)
+    if baseline is not None:
+        ax.axhline(baseline, color="#636363", ls="--", lw=1, label=f"no training ({baseline:.2f})")
+    ax.set_xscale("log")
+    ticks = sorted(table["train_tokens"].unique())
+    labels = dict(zip(table["train_tokens"], table["size"].astype(str)))
+    ax.set_xticks(ticks, [f"{labels[t]}\n({t:,})" for t in ticks], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("training set: label (text tokens available)")
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_title("test perplexity after early stopping, mean of seeds; band: lowest to highest seed", fontsize=10)
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.legend(fontsize=8, ncols=2, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_val_curves(runs: pd.DataFrame, sizes: list[str]) -> Figure:
+    """Return validation loss against optimizer step for the final runs of `sizes`: one panel a size, a line a seed."""
+    from matplotlib.lines import Line2D
+
+    from .plotting import new_figure
+
+    finals = runs[runs["final"] & runs["size"].isin(sizes)]
+    fig = new_figure(4.0 * len(sizes), 3.6)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, len(sizes), squeeze=False).ravel()
+    for ax, size in zip(axes, sizes):
+        for _, run in finals[finals["size"] == size].iterrows():
+            steps, losses = zip(*run["val_curve"])
+            color = _COLORS.get(run["strategy"])
+            ax.plot(steps, losses, color=color, lw=1, alpha=0.8)
+            ax.plot([run["best_step"]], [run["best_val_loss"]], "o", color=color, ms=3.5)
+        ax.set_title(f"training set {size} ({int(finals[finals['size'] == size]['train_tokens'].iloc[0]):,} tokens)",
+                     fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=9)
+        ax.grid(alpha=0.3, lw=0.5)
+    axes[0].set_ylabel("validation loss (nats)", fontsize=9)
+    handles = [Line2D([], [], color=_COLORS.get(s), lw=1.5, label=s.replace("_", " "))
+               for s in finals["strategy"].cat.remove_unused_categories().cat.categories]
+    handles.append(Line2D([], [], color="#555555", marker="o", lw=0, ms=3.5, label="best step (weights kept)"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=4, fontsize=8, frameon=False)
+    return fig
+
+
+def plot_report_draws(draws: pd.DataFrame) -> Figure:
+    """Return each draw's 8-token 'improvement %' per strategy (dots), with the report's single figures marked (x)."""
+    from .plotting import new_figure
+
+    fig = new_figure(7.0, 3.8)
+    ax = fig.add_subplot()
+    for i, strategy in enumerate(REPORT_STRATEGIES):
+        values = draws[draws["strategy"] == strategy]["improvement_pct"]
+        jitter = [(k % 5 - 2) * 0.05 for k in range(len(values))]
+        ax.scatter([i + j for j in jitter], values, color=_COLORS.get(strategy), s=18, alpha=0.8,
+                   label="one random draw" if i == 0 else None)
+        ax.scatter([i + 0.3], [REPORT_FINDINGS[strategy]], marker="x", color="black", s=40,
+                   label="the report's figure" if i == 0 else None)
+    ax.axhline(0, color="#636363", lw=0.8)
+    ax.set_xticks(range(len(REPORT_STRATEGIES)), [s.replace("_", "\n") for s in REPORT_STRATEGIES], fontsize=8)
+    ax.set_ylabel("'improvement' on one 8-token test sequence (%)")
+    ax.set_title("the report's protocol, redone with a working model over random draws", fontsize=10)
+    ax.grid(alpha=0.3, lw=0.5, axis="y")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+# --- re-running a committed run ------------------------------------------------------------------------------------
+
+def rerun(size: str, strategy: str, seed: int, *, folder: str | Path | None = None,
+          model_and_tokenizer: tuple | None = None, corpus_data: Corpus | None = None) -> dict:
+    """Return the record of one final run of the committed sweep trained again here (test perplexity included).
+
+    The run uses the committed spec and the rate the sweep chose; it writes only to a temporary folder, never into
+    the committed results. `model_and_tokenizer` and `corpus_data` replace the default model and corpus.
+    """
+    import tempfile
+
+    from .sweep import Sweep, train_run
+
+    path = _folder(folder)
+    spec = sweep_spec(path)
+    committed = [json.loads(p.read_text()) for p in (path / "runs" / size / strategy).glob(f"*-seed{seed}.json")]
+    committed = [r for r in committed if r.get("final")]
+    if not committed:
+        raise ValueError(f"The sweep in {path} has no final run of {strategy} at size {size} with seed {seed}.")
+    lr = committed[0]["chosen_lr"]
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep = Sweep(tmp, spec, model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data, progress=False)
+        blocks, offset = sweep.data(size, seed)
+        model, record = train_run(sweep.model, blocks, sweep.val_data, strategy, lr, seed, spec,
+                                  n_prefix=len(sweep.prefix))
+        record.update(size=size, offset=offset, chosen_lr=lr, test_ppl=sweep.test_perplexity(model),
+                      committed=committed[0], committed_path=str(run_path(path, size, strategy, lr, seed)))
+    return record
+
+
+def rerun_report_draw(draw: int = 0, *, folder: str | Path | None = None, model_and_tokenizer: tuple | None = None,
+                      corpus_data: Corpus | None = None) -> dict:
+    """Return draw `draw` of the report's protocol run again here, beside the committed one ('committed' key)."""
+    import dataclasses
+    import tempfile
+
+    from .sweep import Sweep
+
+    path = _folder(folder)
+    committed = path / "report" / f"draw-{draw}.json"
+    if not committed.is_file():
+        raise ValueError(f"The sweep in {path} has no report draw {draw}.")
+    spec = dataclasses.replace(sweep_spec(path), report_draws=draw + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep = Sweep(tmp, spec, model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data, progress=False)
+        # Earlier draws are marked done with the committed files, so only `draw` is trained.
+        for earlier in range(draw):
+            (Path(tmp) / "report").mkdir(exist_ok=True)
+            (Path(tmp) / "report" / f"draw-{earlier}.json").write_text((path / "report" / f"draw-{earlier}.json").read_text())
+        sweep.run_report()
+        record = json.loads((Path(tmp) / "report" / f"draw-{draw}.json").read_text())
+    record["committed"] = json.loads(committed.read_text())
+    return record
+
+
+def relative_gap(a: float, b: float) -> float:
+    """Return |a - b| / |b| (0 when both are 0)."""
+    return 0.0 if a == b else abs(a - b) / abs(b) if b else math.inf

@@ -1,0 +1,158 @@
+"""helpers.sweep_results on a tiny finished sweep: tables, seed-by-seed verdicts, figures, and live re-runs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from helpers.data import Corpus
+from helpers.sweep import Sweep, SweepSpec
+from helpers.sweep_results import (
+    baseline_test_ppl, completeness, paired_differences, plot_report_draws, plot_size_curves, plot_val_curves,
+    rank_counts, rate_table, relative_gap, report_draws, rerun, rerun_report_draw, summary_table, sweep_header,
+    sweep_runs, sweep_spec, verdicts,
+)
+
+from conftest import char_tokenizer, tiny_model
+
+RUST = (
+    "fn main() { let owner = String::from(\"value\"); let borrowed = &owner; println!(\"{borrowed}\"); }\n"
+    "Ownership moves the value; borrowing lends it without moving. "
+)
+CORPUS = Corpus(train=[RUST * 4, RUST * 3], validation=[RUST * 2], test=[RUST])
+SPEC = SweepSpec(sizes={"8": 8, "64": 64}, strategies=("full_fine_tuning", "freeze_lower_layers", "lora"), seeds=3,
+                 block_size=32, val_blocks=2, max_tokens=512, report_draws=3, eval_block_size=64)
+TOKENIZER = char_tokenizer(bos=False)
+
+
+def tiny() -> tuple:
+    return tiny_model("qwen2"), TOKENIZER
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep")
+    sweep = Sweep(out, SPEC, model_and_tokenizer=tiny(), corpus_data=CORPUS, progress=False)
+    sweep.run_report()
+    sweep.run_grid()
+    return out
+
+
+def test_runs_table_has_every_run_in_order(folder):
+    runs = sweep_runs(folder)
+    assert len(runs) == 2 * 3 * (3 + 2)
+    assert list(runs["size"].cat.categories) == ["8", "64"]
+    assert list(runs["strategy"].cat.categories) == ["full_fine_tuning", "freeze_lower_layers", "lora"]
+    assert runs["final"].sum() == 2 * 3 * 3
+    assert runs[~runs["final"]]["test_ppl"].isna().all() and (runs[runs["final"]]["test_ppl"] > 1).all()
+    assert completeness(runs, sweep_spec(folder)) == {"cells": 6, "complete": 6}
+
+
+def test_spec_reads_back_as_written(folder):
+    assert sweep_spec(folder) == SPEC
+    assert sweep_header(folder)["spec"] == SPEC.as_json()
+
+
+def test_summary_is_the_mean_and_spread_of_the_final_seeds(folder):
+    runs = sweep_runs(folder)
+    table = summary_table(runs)
+    assert len(table) == 6 and (table["seeds"] == 3).all()
+    finals = runs[runs["final"] & (runs["size"] == "64") & (runs["strategy"] == "lora")]["test_ppl"]
+    row = table.loc[("64", "lora")]
+    assert row["test_mean"] == pytest.approx(finals.mean()) and row["test_std"] == pytest.approx(finals.std())
+    assert row["test_min"] == finals.min() and row["test_max"] == finals.max()
+
+
+def test_rate_table_shows_each_grid_loss_and_the_lowest_is_chosen(folder):
+    rates = rate_table(sweep_runs(folder))
+    losses = rates[[c for c in rates.columns if c.startswith("val loss @")]]
+    assert losses.shape == (6, 3)
+    for index, row in losses.iterrows():
+        chosen = float(row.idxmin().split("@ ")[1])
+        assert rates.loc[index, "chosen lr"] == pytest.approx(chosen)
+
+
+def test_paired_differences_match_seed_by_seed(folder):
+    runs = sweep_runs(folder)
+    gaps = paired_differences(runs, "64", "lora", "full_fine_tuning")
+    finals = runs[runs["final"] & (runs["size"] == "64")]
+    by = {s: finals[finals["strategy"] == s].set_index("seed")["test_ppl"] for s in ("lora", "full_fine_tuning")}
+    assert gaps == pytest.approx([by["lora"][k] - by["full_fine_tuning"][k] for k in range(3)])
+    with pytest.raises(ValueError, match="No seed"):
+        paired_differences(runs, "64", "lora", "adapter_layers")
+
+
+def test_verdicts_name_the_best_and_call_only_consistent_large_gaps_clear(folder):
+    runs = sweep_runs(folder)
+    calls = verdicts(runs)
+    table = summary_table(runs)
+    for size in ("8", "64"):
+        best = table.loc[size, "test_mean"].idxmin()
+        assert (calls.loc[size, "best"] == best).all()
+        assert not calls.loc[(size, best), "clearly_worse"]
+        for strategy, row in calls.loc[size].iterrows():
+            gaps = paired_differences(runs, size, strategy, best)
+            assert row["worse_on_every_seed"] == (strategy != best and all(g > 0 for g in gaps))
+            if row["clearly_worse"]:
+                assert min(gaps) > 0 and row["gap_mean"] > 2 * row["gap_sd"]
+
+
+def test_report_draws_rank_the_four_strategies_per_draw(folder):
+    draws = report_draws(folder)
+    assert len(draws) == 3 * 4
+    for _, draw in draws.groupby("draw"):
+        assert sorted(draw["rank_seq"]) == [1, 2, 3, 4] or draw["seq_ppl"].duplicated().any()
+        assert draw.sort_values("seq_ppl")["rank_seq"].is_monotonic_increasing
+    counts = rank_counts(draws)
+    assert counts.to_numpy().sum() == 12 and (counts.sum(axis=1) == 3).all()
+    assert baseline_test_ppl(folder) == draws["baseline_test_ppl"].iloc[0]
+
+
+def test_figures_draw(folder):
+    runs = sweep_runs(folder)
+    for fig in (plot_size_curves(runs, baseline=10.0), plot_val_curves(runs, ["8", "64"]),
+                plot_report_draws(report_draws(folder))):
+        assert isinstance(fig, Figure) and fig.axes
+
+
+def test_a_rerun_reproduces_the_committed_run(folder):
+    again = rerun("64", "lora", 1, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS)
+    kept = again["committed"]
+    assert again["chosen_lr"] == kept["chosen_lr"] and again["best_step"] == kept["best_step"]
+    assert relative_gap(again["test_ppl"], kept["test_ppl"]) < 1e-6
+    assert relative_gap(again["best_val_loss"], kept["best_val_loss"]) < 1e-6
+    assert not list(Path(folder).rglob("*.tmp"))  # nothing written into the committed folder
+    with pytest.raises(ValueError, match="no final run"):
+        rerun("64", "adapter_layers", 0, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS)
+
+
+def test_a_rerun_draw_reproduces_the_committed_draw(folder):
+    before = sorted(p.name for p in (folder / "report").iterdir())
+    again = rerun_report_draw(1, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS)
+    assert sorted(p.name for p in (folder / "report").iterdir()) == before
+    kept = again["committed"]
+    assert (again["train_offset"], again["test_offset"]) == (kept["train_offset"], kept["test_offset"])
+    for strategy, run in again["runs"].items():
+        assert relative_gap(run["seq_ppl"], kept["runs"][strategy]["seq_ppl"]) < 1e-6
+
+
+def test_a_folder_without_a_sweep_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m helpers.sweep"):
+        sweep_runs(tmp_path)
+
+
+def test_relative_gap():
+    assert relative_gap(1.0, 1.0) == 0 and relative_gap(1.1, 1.0) == pytest.approx(0.1)
+    assert math.isinf(relative_gap(1.0, 0.0))
