@@ -89,3 +89,13 @@ def text() -> str:
         "fn main() { let owner = String::from(\"value\"); let borrowed = &owner; println!(\"{borrowed}\"); }\n"
         "Ownership moves the value; borrowing lends it without moving. "
     ) * 6
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny training runs: on a busy 2-core machine a second thread mostly waits
+    for the first (runs measured 40 to 100 times slower beside a training process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -63,13 +63,7 @@ def assert_same_numbers(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the runs are tiny, and on a busy 2-core machine a second thread mostly waits (100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny runs, one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from matplotlib.figure import Figure
 
 from helpers.data import Corpus
@@ -33,12 +32,7 @@ def tiny() -> tuple:
     return tiny_model("qwen2"), TOKENIZER
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny runs, one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -229,15 +229,6 @@ def test_data_loader_tensor_dataset_and_plain_tensors_both_work():
 
 # --- early stopping ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: these runs are tiny, and on a busy 2-core machine a second thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def early(**overrides) -> TrainConfig:
     values = dict(steps=30, lr=3e-2, warmup_steps=0, eval_every=1, patience=2, progress=False)
     values.update(overrides)
