@@ -35,7 +35,7 @@ def measure(strategy: str, model, tokenizer, corpus, steps: int) -> dict:
     """Return the fastest step's seconds and tokens/s under `strategy`, and the matmul ceiling's."""
     helpers.apply_strategy(model, strategy)
     train_data, val_data = helpers.recipe_data(tokenizer, corpus)
-    config = helpers.recipe_config(steps=steps + 1, warmup_steps=0, eval_every=0, eval_at_start=False, progress=False)
+    config = helpers.recipe_config(strategy, steps=steps + 1, warmup_steps=0, eval_every=0, eval_at_start=False, progress=False)
     # Only full fine-tuning does all three products with every weight: a frozen weight needs no weight gradient.
     full = strategy == "full_fine_tuning"
     before = ceiling_seconds(model) if full else float("nan")

@@ -8,8 +8,8 @@ from matplotlib.figure import Figure
 
 from helpers import count_parameters, meta_model
 from helpers.compare import (
-    collect_results, comparison_table, format_table, is_current, learning_rate, main, markdown_table, plot_loss_curves,
-    report_side_by_side, strategies,
+    ORDER, collect_results, comparison_table, format_table, is_current, learning_rate, main, markdown_table,
+    plot_loss_curves, report_side_by_side, strategies,
 )
 from helpers.experiment import RECIPE, save_result
 from helpers.widgets import explorer_table, strategy_explorer, training_panel, widgets_available
@@ -117,6 +117,23 @@ def _current(name):
     result["recipe"] = dict(RECIPE)
     result["config"] = {"lr": learning_rate(name), "steps": RECIPE["steps"]}
     return result
+
+
+def test_every_strategy_trains_at_the_rate_the_sweep_chose_on_the_whole_split():
+    from helpers.experiment import recipe_config
+    from helpers.sweep_results import chosen_rate, sweep_spec
+
+    grid = set(sweep_spec().lrs)
+    for name in ORDER:
+        assert learning_rate(name) == chosen_rate(name, "full") and learning_rate(name) in grid
+        assert recipe_config(name).lr == learning_rate(name)
+    assert recipe_config("lora", lr=1e-3).lr == 1e-3
+    with pytest.raises(ValueError, match="Unknown strategy 'frozen'"):
+        learning_rate("frozen")
+    # The recipe holds no rate of its own, so a config without a strategy or an explicit rate is refused.
+    assert "lr" not in RECIPE
+    with pytest.raises(ValueError, match="needs the strategy"):
+        recipe_config(steps=5)
 
 
 def test_results_of_another_recipe_or_rate_are_stale(tmp_path):

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from helpers.data import Corpus
 from helpers.sweep import Sweep, SweepSpec
 from helpers.sweep_results import (
-    baseline_test_ppl, completeness, paired_differences, plot_report_draws, plot_size_curves, plot_val_curves,
+    baseline_test_ppl, chosen_rate, completeness, paired_differences, plot_report_draws, plot_size_curves, plot_val_curves,
     rank_counts, rate_table, relative_gap, report_draws, rerun, rerun_report_draw, summary_table, sweep_header,
     sweep_runs, sweep_spec, verdicts,
 )
@@ -76,6 +76,29 @@ def test_rate_table_shows_each_grid_loss_and_the_lowest_is_chosen(folder):
     for index, row in losses.iterrows():
         chosen = float(row.idxmin().split("@ ")[1])
         assert rates.loc[index, "chosen lr"] == pytest.approx(chosen)
+
+
+def test_chosen_rate_is_the_rate_tables_choice(folder):
+    rates = rate_table(sweep_runs(folder))
+    for (size, strategy), row in rates.iterrows():
+        assert chosen_rate(strategy, size, folder) == pytest.approx(row["chosen lr"])
+        assert chosen_rate(strategy, size, folder) in SPEC.lrs
+
+
+def test_chosen_rate_refuses_what_the_sweep_did_not_run(folder, tmp_path):
+    with pytest.raises(ValueError, match="no training-set size 'full'.*8, 64"):
+        chosen_rate("lora", "full", folder)
+    with pytest.raises(ValueError, match="did not run strategy 'adapter_layers'"):
+        chosen_rate("adapter_layers", "8", folder)
+    # A sweep whose seed-0 grid is unfinished has chosen nothing yet: the grid runs are there, the final ones are not.
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "runs" / "8" / "lora").mkdir(parents=True)
+    (unfinished / "sweep.json").write_text((folder / "sweep.json").read_text())
+    grid_run = json.loads(next((folder / "runs" / "8" / "lora").glob("*-seed0.json")).read_text())
+    grid_run.update(final=False, chosen_lr=None)
+    (unfinished / "runs" / "8" / "lora" / "lr1-seed0.json").write_text(json.dumps(grid_run))
+    with pytest.raises(ValueError, match="not chosen a rate for lora at size '8' yet"):
+        chosen_rate("lora", "8", unfinished)
 
 
 def test_paired_differences_match_seed_by_seed(folder):

@@ -149,7 +149,6 @@ def start_run(strategy: str, *, lr: float | None = None, show: bool = True, mode
     `lr` defaults to the strategy's rate in the shared recipe and `config` to the recipe; `options` go to
     `apply_strategy`. `model_and_tokenizer` and `corpus` replace the default model and corpus (tests pass tiny ones).
     """
-    from .compare import learning_rate
 
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.")
@@ -161,7 +160,7 @@ def start_run(strategy: str, *, lr: float | None = None, show: bool = True, mode
     baseline = baseline_perplexity(model, tokenizer, corpus.test)
     before = complete(model, tokenizer)
     model = apply_strategy(model, strategy, **options)
-    config = config or recipe_config(lr=learning_rate(strategy) if lr is None else lr)
+    config = config or (recipe_config(strategy) if lr is None else recipe_config(lr=lr))
     run = StrategyRun(strategy=strategy, model=model, tokenizer=tokenizer, corpus=corpus,
                       options=dict(model.strategy_info.options), config=config, baseline_test_ppl=baseline,
                       generation_before=before, frozen_before=frozen_snapshot(model))

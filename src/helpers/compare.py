@@ -24,9 +24,8 @@ if TYPE_CHECKING:
 ORDER = ["full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapter_layers", "lora", "gradual_unfreezing"]
 """The strategies in the order the notebooks introduce them."""
 
-LEARNING_RATES: dict[str, float] = {"lora": 2e-3}
-"""Per-strategy learning rates that differ from RECIPE['lr']: LoRA's zero-initialised, alpha/r-scaled adapters want a
-larger one (2e-3 beat 1e-3 on validation perplexity under the recipe)."""
+RATE_SIZE = "full"
+"""The sweep's training-set size whose chosen rates the recipe trains with: the whole train split, the recipe's regime."""
 
 REPORT_BASELINE_PPL = 737_879.38
 """The report's baseline perplexity of Qwen2-0.5B: worse than uniform guessing, the mark of a randomly initialised head."""
@@ -61,8 +60,16 @@ def strategies() -> list[str]:
 
 
 def learning_rate(strategy: str) -> float:
-    """Return the learning rate `strategy` trains with under the shared recipe."""
-    return LEARNING_RATES.get(strategy, RECIPE["lr"])
+    """Return the learning rate `strategy` trains with under the shared recipe: the sweep's choice on the whole train split.
+
+    Every strategy's rate comes from the same rule (notebook 09): the lowest validation loss over one grid of rates,
+    seed 0, in `results/sweep`. So no strategy is tuned more than another.
+    """
+    from .sweep_results import chosen_rate
+
+    if strategy not in _registry():
+        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(strategies())}.")
+    return chosen_rate(strategy, RATE_SIZE)
 
 
 def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None, steps: int | None = None,
@@ -72,11 +79,12 @@ def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus
 
     if strategy not in _registry():
         raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(strategies())}.")
-    overrides = {"lr": learning_rate(strategy), "progress": progress}
+    overrides = {"progress": progress}
     if steps is not None:
         overrides["steps"] = steps
         overrides["warmup_steps"] = min(RECIPE["warmup_steps"], steps)
-    return run_experiment(strategy, model_name=model_name, corpus=corpus, config=recipe_config(**overrides), save=save)
+    return run_experiment(strategy, model_name=model_name, corpus=corpus, config=recipe_config(strategy, **overrides),
+                          save=save)
 
 
 def is_current(result: dict, name: str) -> bool:

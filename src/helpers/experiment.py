@@ -25,12 +25,20 @@ def results_dir() -> Path:
     return path
 
 
-def recipe_config(**overrides) -> TrainConfig:
-    """Return the TrainConfig of RECIPE, with `overrides` (any TrainConfig field) applied."""
+def recipe_config(strategy: str | None = None, **overrides) -> TrainConfig:
+    """Return the TrainConfig of RECIPE at `strategy`'s learning rate, with `overrides` (any TrainConfig field) applied."""
     fields = TrainConfig.__dataclass_fields__
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ValueError(f"Unknown TrainConfig field(s) {unknown}. Valid fields: {', '.join(fields)}.")
+    if "lr" not in overrides:
+        if strategy is None:
+            raise ValueError("recipe_config needs the strategy whose learning rate to use, e.g. "
+                             "recipe_config('full_fine_tuning') (the rates come from the sweep: "
+                             "helpers.compare.learning_rate), or an explicit lr=...")
+        from .compare import learning_rate
+
+        overrides["lr"] = learning_rate(strategy)
     values = {k: v for k, v in RECIPE.items() if k in fields}
     values.update(overrides)
     return TrainConfig(**values)
@@ -146,7 +154,7 @@ def run_experiment(strategy: str, *, model_name: str | None = None, corpus: Corp
     baseline = baseline_perplexity(model, tokenizer, corpus.test)
     before = complete(model, tokenizer, prompt)
     model = apply_strategy(model, strategy, **options)
-    history = train(model, train_data, val_data, config or recipe_config())
+    history = train(model, train_data, val_data, config or recipe_config(strategy))
     result = make_result(
         model, history, strategy=strategy, baseline_test_ppl=baseline, evaluation=evaluate_splits(model, tokenizer, corpus),
         generation_before=before, generation_after=complete(model, tokenizer, prompt), prompt=prompt,

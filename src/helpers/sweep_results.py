@@ -63,6 +63,26 @@ def sweep_runs(folder: str | Path | None = None) -> pd.DataFrame:
     return frame.sort_values(["size", "strategy", "lr", "seed"]).reset_index(drop=True)
 
 
+def chosen_rate(strategy: str, size: str = "full", folder: str | Path | None = None) -> float:
+    """Return the learning rate the sweep chose for `strategy` at training-set size `size` (lowest seed-0 validation loss)."""
+    path = _folder(folder)
+    spec = sweep_header(path)["spec"]
+    if size not in spec["sizes"]:
+        raise ValueError(f"The sweep in {path} has no training-set size {size!r}. Its sizes: {', '.join(spec['sizes'])}.")
+    if strategy not in spec["strategies"]:
+        raise ValueError(f"The sweep in {path} did not run strategy {strategy!r}, so it chose no rate for it. "
+                         f"Its strategies: {', '.join(spec['strategies'])}.")
+    records = [json.loads(p.read_text()) for p in sorted((path / "runs" / size / strategy).glob("*.json"))]
+    rates = {r["chosen_lr"] for r in records if r.get("final") and r.get("chosen_lr") is not None}
+    if not rates:
+        raise ValueError(f"The sweep in {path} has not chosen a rate for {strategy} at size {size!r} yet (its seed-0 "
+                         "grid there is unfinished). Run `python -m helpers.sweep` to finish it.")
+    if len(rates) > 1:
+        raise ValueError(f"The final runs of {strategy} at size {size!r} in {path} disagree on the chosen rate "
+                         f"({sorted(rates)}): the folder mixes two sweeps. Re-run the sweep into an empty folder.")
+    return float(rates.pop())
+
+
 def baseline_test_ppl(folder: str | Path | None = None) -> float:
     """Return the untrained model's test perplexity, as the sweep's report part measured it."""
     draws = sorted((_folder(folder) / "report").glob("draw-*.json"))
