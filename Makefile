@@ -42,6 +42,7 @@ notebooks: setup
 benchmarks: setup
 	$(PY) benchmarks/kv_cache.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/engine_overhead.py
 
 clean-cache:
 	$(PY) -c "import helpers, shutil; shutil.rmtree(helpers.cache_dir(), ignore_errors=True)"

@@ -69,6 +69,33 @@ def test_qwen2_0_5b_at_the_reports_1_x_8_tokens_fits_8_gib_only_without_gpu_over
     assert helpers.training_memory(n, config, seq=512, precision="fp32")["total"] > card
 
 
+def test_checkpointing_keeps_one_input_per_block_and_one_blocks_activations():
+    config = helpers.qwen2_0_5b_config()
+    b, s, h, a, layers = 4, 1024, config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    per_block = (34 * s * b * h + 5 * a * s * s * b) * 4 / 2  # fp32: twice Korthikanti's 16-bit bytes
+    logits = 2 * b * s * config.vocab_size * 4
+    assert helpers.memory.activation_bytes(config, batch=b, seq=s) == int(layers * per_block + logits)
+    kept = helpers.memory.activation_bytes(config, batch=b, seq=s, checkpointing=True)
+    assert kept == int(layers * s * b * h * 4 + per_block + logits)
+    plain = helpers.training_memory(494_032_768, config, batch=b, seq=s)
+    light = helpers.training_memory(494_032_768, config, batch=b, seq=s, checkpointing=True)
+    # The blocks' share shrinks more than tenfold; the logits (large for a 151,936-token vocabulary) stay.
+    blocks = lambda mem: mem["activations"] - logits / 2**30  # noqa: E731
+    assert blocks(light) < blocks(plain) / 10 and light["weights"] == plain["weights"]
+
+
+def test_autocast_keeps_fp32_weights_and_adds_their_bf16_copies():
+    config = helpers.qwen2_0_5b_config()
+    n, trainable = 494_032_768, 1_000_000
+    fp32 = helpers.training_memory(n, config, trainable=trainable, batch=2, seq=256)
+    mixed = helpers.training_memory(n, config, trainable=trainable, batch=2, seq=256, precision="bf16-autocast")
+    pure = helpers.training_memory(n, config, trainable=trainable, batch=2, seq=256, precision="bf16")
+    assert mixed["weights"] == fp32["weights"] and mixed["gradients"] == fp32["gradients"]
+    assert mixed["bf16 weight copies"] == pytest.approx(2 * trainable / 2**30) and "bf16 weight copies" not in fp32
+    assert mixed["activations"] == pytest.approx(fp32["activations"] / 2) == pytest.approx(pure["activations"])
+    assert pure["weights"] == pytest.approx(fp32["weights"] / 2)
+
+
 def test_unknown_precision_is_named():
     with pytest.raises(ValueError, match="Unknown precision 'int3'"):
         helpers.training_memory(10, precision="int3")

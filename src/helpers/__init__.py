@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 
-_SUBMODULES = {*_EXPORTS, "compare", "recipe", "sweep", "sweep_results", "widgets"}
+_SUBMODULES = {*_EXPORTS, "compare", "finetune", "recipe", "sweep", "sweep_results", "widgets"}
 
 
 def __getattr__(name: str):

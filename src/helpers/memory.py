@@ -4,7 +4,9 @@ from __future__ import annotations
 import pandas as pd
 from transformers import PretrainedConfig
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16-autocast": 2}
+"""Bytes per activation value for each precision. 'bf16-autocast' is mixed precision: fp32 weights, gradients and
+optimizer states, bf16 activations (torch.autocast); 'bf16' and 'fp16' keep the weights themselves in 16 bits."""
 
 CUDA_CONTEXT_GIB: tuple[float, float] = (0.25, 0.5)
 """A typical range, in GiB, for the GPU memory a process's CUDA context takes before its first tensor.
@@ -17,16 +19,21 @@ libraries the program loads.
 """
 
 
-def activation_bytes(config: PretrainedConfig, *, batch: int, seq: int, precision: str = "fp32") -> int:
+def activation_bytes(config: PretrainedConfig, *, batch: int, seq: int, precision: str = "fp32",
+                     checkpointing: bool = False) -> int:
     """Return an estimate of the activations kept for backward, in bytes.
 
     Per block, Korthikanti et al. (2022) count about 34*s*b*h + 5*a*s^2*b bytes in 16-bit;
-    we scale that by the element size and add the logits and their gradient (2*b*s*V values).
+    we scale that by the element size and add the logits and their gradient (2*b*s*V values). With gradient
+    checkpointing each block keeps only its input (s*b*h values) and one block's activations exist at a time, while
+    backward recomputes them.
     """
-    scale = _BYTES[precision] / 2
+    size = _BYTES[precision]
     h, a, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-    per_block = (34 * seq * batch * h + 5 * a * seq * seq * batch) * scale
-    logits = 2 * batch * seq * config.vocab_size * _BYTES[precision]
+    per_block = (34 * seq * batch * h + 5 * a * seq * seq * batch) * size / 2
+    logits = 2 * batch * seq * config.vocab_size * size
+    if checkpointing:
+        return int(layers * seq * batch * h * size + per_block + logits)
     return int(layers * per_block + logits)
 
 
@@ -38,11 +45,15 @@ def training_memory(
     batch: int = 1,
     seq: int = 512,
     precision: str = "fp32",
+    checkpointing: bool = False,
     cuda_context: float = 0.0,
     step_temporaries: int = 0,
 ) -> pd.Series:
     """Return GiB needed for weights, gradients, the two AdamW states and activations, and their total.
 
+    `precision` is one of _BYTES: 'fp32'; 'bf16'/'fp16', weights and gradients in 16 bits; 'bf16-autocast', mixed
+    precision, which keeps fp32 weights and adds a row for the bf16 copies autocast holds. `checkpointing` stores
+    only each block's input for the backward pass (activation_bytes).
     Two optional rows model what the first four leave out on a GPU; each appears only when it is not zero:
     `cuda_context`, in GiB (see `CUDA_CONTEXT_GIB` for a typical range), and `step_temporaries`, the number of
     values the optimizer step allocates on top of its states while it updates a tensor (it depends on the
@@ -55,14 +66,19 @@ def training_memory(
             f"cuda_context ({cuda_context}) and step_temporaries ({step_temporaries}) are sizes; pass 0 or more."
         )
     trainable = n_params if trainable is None else trainable
-    size = _BYTES[precision]
+    autocast = precision == "bf16-autocast"
+    size = 4 if autocast else _BYTES[precision]
     parts = {
         "weights": n_params * size,
         "gradients": trainable * size,
         # AdamW keeps two fp32 moments per trainable parameter whatever the weights' precision.
         "AdamW states": trainable * 4 * 2,
-        "activations": activation_bytes(config, batch=batch, seq=seq, precision=precision) if config else 0,
+        "activations": activation_bytes(config, batch=batch, seq=seq, precision=precision,
+                                         checkpointing=checkpointing) if config else 0,
     }
+    if autocast:
+        # Autocast caches the bf16 copy of every trainable weight it casts until the forward/backward region ends.
+        parts["bf16 weight copies"] = trainable * 2
     if cuda_context:
         parts["CUDA context"] = cuda_context * 2**30
     if step_temporaries:
