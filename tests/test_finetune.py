@@ -173,3 +173,13 @@ def test_a_batch_smaller_than_the_world_is_refused():
         with pytest.raises(ValueError, match="batch of 2 rows cannot be split over 3 processes"):
             train_accelerated(tiny_model("gpt2"), *_loaders(tokenizer, batch_size=2), TrainConfig(steps=1, warmup_steps=0, progress=False),
                               accelerator=accelerator)
+
+
+def test_help_names_every_option_and_the_launchers():
+    done = subprocess.run([sys.executable, "-m", "helpers.finetune", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    for option in ("--strategy", "--model", "--corpus", "--steps", "--out", "--bf16", "--checkpointing", "--fsdp",
+                   "--grad-accum", "--cpu"):
+        assert option in done.stdout
+    assert "torchrun --nproc_per_node" in done.stdout and "accelerate launch" in done.stdout
