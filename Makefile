@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # (make lab leaves the Hub reachable, so TUTORIAL_MODEL can name a Hub id.)
 unit nbval notebooks benchmarks: export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup lab test unit nbval notebooks benchmarks clean-cache clean
+.PHONY: setup lab test unit nbval notebooks student benchmarks clean-cache clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test: unit nbval
 # Re-execute every notebook in place, outputs included (commit the result).
 notebooks: setup
 	$(PY) scripts/run_notebooks.py notebooks/*.ipynb
+
+# Output-free copies for students (commit them: tests/test_student.py checks they match the notebooks).
+student: setup
+	$(PY) scripts/student_copies.py notebooks student
 
 benchmarks: setup
 	$(PY) benchmarks/kv_cache.py
