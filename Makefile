@@ -31,7 +31,7 @@ unit: setup
 	$(PY) -m pytest tests -q
 
 nbval: setup
-	$(PY) -m pytest --nbval notebooks/ -q -p no:cacheprovider
+	$(PY) -m pytest --nbval notebooks/ solutions/ -q -p no:cacheprovider
 
 test: unit nbval
 
