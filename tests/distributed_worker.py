@@ -32,8 +32,9 @@ def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def loaders(tokenizer):
-    train_data = make_dataloader(tokenizer, TEXT[:600], block_size=32, batch_size=4, shuffle=True, seed=0)
+def loaders(tokenizer, batch_size: int = 4):
+    """Return (train, validation) loaders of 32-token blocks of TEXT: the same global batches wherever they are built."""
+    train_data = make_dataloader(tokenizer, TEXT[:600], block_size=32, batch_size=batch_size, shuffle=True, seed=0)
     val_data = make_dataloader(tokenizer, TEXT[600:], block_size=32, batch_size=2, shuffle=False)
     return train_data, val_data
 

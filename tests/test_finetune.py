@@ -13,23 +13,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import apply_strategy, make_dataloader, train
+from helpers import apply_strategy, train
 from helpers.finetune import check_launch, launched_processes, main, make_accelerator, shard, train_accelerated
 from helpers.training import TrainConfig
 
 from conftest import FAMILIES, char_tokenizer, tiny_config, tiny_model
+from distributed_worker import TEXT
+from distributed_worker import loaders as _loaders
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny runs, one torch thread
 
 HERE = Path(__file__).parent
-TEXT = ("fn main() { let owner = String::from(\"value\"); let borrowed = &owner; println!(\"{borrowed}\"); }\n"
-        "Ownership moves the value; borrowing lends it without moving. ") * 6
-
-
-def _loaders(tokenizer, batch_size: int = 4):
-    train_data = make_dataloader(tokenizer, TEXT[:600], block_size=32, batch_size=batch_size, shuffle=True, seed=0)
-    val_data = make_dataloader(tokenizer, TEXT[600:], block_size=32, batch_size=2, shuffle=False)
-    return train_data, val_data
 
 
 def _torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:

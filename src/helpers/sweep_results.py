@@ -285,7 +285,7 @@ def rerun(size: str, strategy: str, seed: int, *, folder: str | Path | None = No
     committed = [r for r in committed if r.get("final")]
     if not committed:
         raise ValueError(f"The sweep in {path} has no final run of {strategy} at size {size} with seed {seed}.")
-    lr = committed[0]["chosen_lr"]
+    lr = chosen_rate(strategy, size, path)
     with tempfile.TemporaryDirectory() as tmp:
         sweep = Sweep(tmp, spec, model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data, progress=False)
         blocks, offset = sweep.data(size, seed)
