@@ -19,9 +19,10 @@ def student_copy(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
         cell.metadata.pop("execution", None)
-    # Only what a student's Jupyter needs: re-executing a notebook rewrites the rest (versions, widget state).
-    copy.metadata = nbformat.from_dict({"kernelspec": notebook.metadata.get("kernelspec", {}),
-                                        "language_info": {"name": "python"}})
+    # The kernelspec and language_info that JupyterLab writes when it opens the copy (the notebook's own, see
+    # scripts/run_notebooks.py): anything else would mark a just-opened copy as modified. No widget state.
+    copy.metadata = nbformat.from_dict({key: notebook.metadata[key] for key in ("kernelspec", "language_info")
+                                        if key in notebook.metadata})
     return copy
 
 
