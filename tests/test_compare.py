@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from helpers import count_parameters, meta_model
+from helpers import apply_strategy, count_parameters, meta_model
 from helpers.compare import (
     ORDER, collect_results, comparison_table, format_table, is_current, learning_rate, main, markdown_table,
     plot_loss_curves, report_side_by_side, strategies,
@@ -228,16 +228,49 @@ def test_live_explorer_builds_and_follows_the_dropdown():
     assert [c.description for c in controls.children] == ["r", "alpha", "dropout"]
 
 
+def test_explorer_takes_n_frozen_as_the_block_count_its_summary_speaks_of(capsys):
+    ipywidgets = pytest.importorskip("ipywidgets")
+    config = tiny_config("llama")
+    n_blocks = config.num_hidden_layers
+    panel = strategy_explorer(config, interactive=True)
+    choice, controls, _ = panel.children
+    choice.value = "freeze_lower_layers"
+    (control,) = controls.children
+    assert isinstance(control, ipywidgets.BoundedIntText)
+    assert control.description == f"n_frozen (of {n_blocks} blocks)"
+    assert control.value == round(2 / 3 * n_blocks) and (control.min, control.max) == (0, n_blocks)
+    capsys.readouterr()
+    control.value = 1  # a count, which the float control refused ("as a fraction must lie in [0, 1]")
+    shown = capsys.readouterr().out  # outside a kernel the Output widget lets prints through
+    frozen = apply_strategy(meta_model(config), "freeze_lower_layers", n_frozen=1)
+    trainable, total = count_parameters(frozen)
+    assert f"{trainable:,} of {total:,} parameters trainable" in shown
+    assert f"(1 of {n_blocks})" in shown and "must lie" not in shown
+
+
 def test_live_training_panel_trains_on_click(tiny_setup):
     ipywidgets = pytest.importorskip("ipywidgets")
     model_dir, corpus = tiny_setup
     panel = training_panel(model_name=str(model_dir), corpus=corpus, interactive=True)
     assert isinstance(panel, ipywidgets.VBox)
-    (choice, steps, button), status, _ = panel.children[0].children, panel.children[1], panel.children[2]
+    (choice, steps, button), progress, status = panel.children[0].children, panel.children[1], panel.children[2]
     choice.value, steps.value = "gradual_unfreezing", 2
     button.click()
-    assert status.value.startswith("done: validation loss"), status.value
+    assert status.value.startswith("done: step 2/2, validation loss"), status.value
+    assert progress.value == progress.max == 2
     assert not button.disabled
+
+
+def test_the_panel_figure_shows_the_first_step_inside_the_whole_runs_frame():
+    from helpers.widgets import _loss_figure
+
+    first = pd.DataFrame([{"step": 1, "tokens": 512, "train_loss": 3.0, "val_loss": float("nan")}])
+    figure = _loss_figure(first, "live", total_tokens=5120)
+    ax = figure.axes[0]
+    train_line = ax.lines[0]
+    assert len(train_line.get_xdata()) == 1 and train_line.get_marker() not in (None, "None", "")  # one point, visible
+    left, right = ax.get_xlim()
+    assert left <= 0 and right >= 5120  # not the 490-540 axis a lone point gets by default
 
 
 def test_figures_are_made_through_pyplot_but_left_closed():

@@ -70,3 +70,19 @@ def test_one_panel_per_stride_and_the_figure_is_left_closed():
 def test_bad_input_is_one_clear_value_error(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         plot_windows(*args, **kwargs)
+
+
+def test_trainable_map_uses_a_log_axis_when_the_trainable_share_would_be_a_sliver():
+    import pandas as pd
+    from conftest import tiny_config
+
+    # LoRA on the default model: 0.16 M trainable in each 3.6 M block, beside a 28 M embedding.
+    lora = pd.DataFrame({"parameters": [28_311_552, 3_704_448, 3_704_448], "trainable": [0, 163_840, 163_840],
+                         "note": ["", "", ""]}, index=["embeddings", "block 0", "block 1"])
+    ax = helpers.plot_trainable_map(lora).axes[0]
+    assert ax.get_xscale() == "log" and "log scale" in ax.get_xlabel()
+    assert ax.get_xlim()[0] > 0 and ax.get_xlim()[1] > 28.3
+    assert [t.get_text() for t in ax.texts] == ["4.4%", "4.4%"]  # each partly trained part states its share
+    upper = helpers.trainable_map(helpers.apply_strategy(helpers.meta_model(tiny_config("llama")), "freeze_lower_layers"))
+    assert helpers.plot_trainable_map(upper).axes[0].get_xscale() == "linear"  # whole blocks train: bars are wide
+    plt.close("all")

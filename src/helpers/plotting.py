@@ -30,14 +30,32 @@ def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None
     ax.barh(y, millions_total, color="#d9d9d9", label="frozen")
     ax.barh(y, millions_trainable, color="#2b8cbe", label="trainable")
     ax.set_yticks(list(y), parts, fontsize=7 if len(parts) > 16 else 9)
-    ax.set_xlabel("parameters (millions)")
+    shares = (table["trainable"] / table["parameters"].where(table["parameters"] > 0))
+    partly = (table["trainable"] > 0) & (table["trainable"] < table["parameters"])
+    if (partly & (table["trainable"] < 0.02 * table["parameters"].max())).any():
+        # A partly trained part whose trainable bar is under 2 % of the axis (LoRA's adapters: 0.16 M of a 3.6 M
+        # block, beside a 28 M embedding) is a pixel or two wide on a linear axis and looks frozen; on a log axis
+        # each decade gets the same width, so both bars can be read.
+        ax.set_xscale("log")
+        smallest = min(v for v in list(millions_total) + list(millions_trainable) if v > 0)
+        ax.set_xlim(smallest / 3, millions_total.max() * 8)
+        ax.set_xlabel("parameters (millions, log scale)")
+        # A log axis shrinks the gap between the bars, so each partly trained part also states its share.
+        for i, (share, total) in enumerate(zip(shares, millions_total)):
+            if 0 < share < 1:
+                ax.annotate(f"{share:.1%}", (total, i), xytext=(3, 0), textcoords="offset points", va="center",
+                            fontsize=7 if len(parts) > 16 else 8, color="#2b8cbe")
+    else:
+        ax.set_xlabel("parameters (millions)")
     if "note" in table:
+        left = ax.get_xlim()[0] if ax.get_xscale() == "log" else 0
         for i, note in enumerate(table["note"]):
             if note:
-                ax.annotate(note, (0, i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7, color="#555555")
+                ax.annotate(note, (left, i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7, color="#555555")
     trainable, total = int(table["trainable"].sum()), int(table["parameters"].sum())
     ax.set_title(title or f"trainable {trainable / 1e6:.2f} M of {total / 1e6:.2f} M parameters ({trainable / total:.1%})")
-    ax.legend(loc="lower right", fontsize=8)
+    # Lower right is free beside the blocks, except on a log axis, where the embedding's bar reaches it.
+    ax.legend(loc="upper right" if ax.get_xscale() == "log" else "lower right", fontsize=8)
     ax.figure.tight_layout()
     return ax.figure
 

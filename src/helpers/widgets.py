@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from .data import Corpus, load_corpus
 from .models import load_config, meta_model
 from .plotting import new_figure, plot_trainable_map
-from .strategies import STRATEGIES, apply_strategy, count_parameters, trainable_map
+from .strategies import STRATEGIES, apply_strategy, count_parameters, find_layers, trainable_map
 
 WIDGETS_ENV = "TUTORIAL_WIDGETS"
 """Environment variable forcing the widgets on ('live') or off ('static'); unset means detect."""
@@ -61,10 +61,15 @@ def explorer_table(config=None, names: list[str] | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("strategy")
 
 
-def _control(param: inspect.Parameter):
+def _control(param: inspect.Parameter, resolved=None, n_blocks: int | None = None):
     import ipywidgets as w
 
     value, style = param.default, {"description_width": "initial"}
+    if isinstance(value, float) and isinstance(resolved, int) and not isinstance(resolved, bool) and n_blocks:
+        # A fraction of the blocks (n_frozen=2/3) that the strategy resolves to a count: show and take the count,
+        # the number its summary speaks of ("20 of 30"), not a float nobody would type.
+        return w.BoundedIntText(value=resolved, min=0, max=n_blocks, description=f"{param.name} (of {n_blocks} blocks)",
+                                style=style)
     if isinstance(value, bool):
         return w.Checkbox(value=value, description=param.name)
     if isinstance(value, int):
@@ -102,10 +107,13 @@ def strategy_explorer(config=None, *, interactive: bool | None = None):
             plot_trainable_map(table, ax=fig.add_subplot())
             display(fig)
 
+    n_blocks = len(find_layers(meta_model(config)).blocks)
+
     def rebuild(*_):
         controls.clear()
+        resolved = apply_strategy(meta_model(config), choice.value).strategy_info.options
         for name, param in _options(choice.value).items():
-            control = _control(param)
+            control = _control(param, resolved.get(name), n_blocks)
             if control is not None:
                 control.observe(refresh, names="value")
                 controls[name] = control
@@ -121,7 +129,8 @@ PANEL_STRATEGY = "lora"
 """The training panel's first choice, and the saved run its static view draws (when the results hold it)."""
 
 
-def _loss_figure(history: pd.DataFrame, title: str) -> Figure:
+def _loss_figure(history: pd.DataFrame, title: str, total_tokens: int | None = None) -> Figure:
+    """Return the panel's figure: training loss per step and validation loss, over 0..total_tokens when given."""
     from matplotlib.lines import Line2D
 
     fig = new_figure(6.5, 3.6)
@@ -129,14 +138,18 @@ def _loss_figure(history: pd.DataFrame, title: str) -> Figure:
     fig.set_layout_engine("constrained")
     ax = fig.add_subplot()
     trained = history.dropna(subset=["train_loss"])
-    ax.plot(trained["tokens"], trained["train_loss"], color="#6baed6", lw=1)
+    # Markers, so that a run of one step already shows its point.
+    ax.plot(trained["tokens"], trained["train_loss"], ".-", color="#6baed6", lw=1, ms=7)
     checked = history.dropna(subset=["val_loss"]) if "val_loss" in history else history.iloc[:0]
     ax.plot(checked["tokens"], checked["val_loss"], "o-", color="#d94801", ms=4, lw=1.5)
+    if total_tokens:
+        # The whole run's span from the first step on, so the curve grows into a fixed frame.
+        ax.set_xlim(-0.02 * total_tokens, 1.02 * total_tokens)
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("loss (nats)")
     ax.grid(alpha=0.3, lw=0.5)
     ax.set_title(title, fontsize=10)
-    handles = [Line2D([], [], color="#6baed6", lw=1, label="training loss (each step's batch)"),
+    handles = [Line2D([], [], color="#6baed6", marker=".", ms=7, lw=1, label="training loss (each step's batch)"),
                Line2D([], [], color="#d94801", marker="o", ms=4, lw=1.5, label="validation loss")]
     fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=8, frameon=False)
     return fig
@@ -152,7 +165,9 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
         if not results:
             raise ValueError("No saved runs to draw: run a strategy notebook (03-07) first, or pass results={strategy: result}.")
         name = PANEL_STRATEGY if PANEL_STRATEGY in results else next(iter(results))
-        return _loss_figure(pd.DataFrame(results[name]["history"]), f"{name}: the saved run (static view of the live panel)")
+        # Read in JupyterLab before the cell is run again, so the title says what the picture is and how to go live.
+        return _loss_figure(pd.DataFrame(results[name]["history"]),
+                            f"{name}: the run saved by its notebook (run this cell in JupyterLab to train live)")
 
     import ipywidgets as w
     from IPython.display import display
@@ -165,10 +180,13 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
                         description="strategy")
     steps = w.IntSlider(value=10, min=2, max=50, description="steps")
     button = w.Button(description="Train", button_style="primary", icon="play")
+    progress = w.IntProgress(value=0, min=0, max=steps.value, description="progress")
     status, output = w.Label(), w.Output()
 
     def run(_):
         button.disabled = True
+        total = steps.value
+        progress.value, progress.max = 0, total
         rows: list[dict] = []
         try:
             status.value = "loading the model ..."
@@ -176,24 +194,40 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
             texts = corpus if isinstance(corpus, Corpus) or corpus is None else load_corpus(corpus)
             train_data, val_data = recipe_data(tokenizer, texts)
             model = apply_strategy(model, choice.value)
-            config = recipe_config(steps=steps.value, warmup_steps=min(3, steps.value), eval_every=max(1, steps.value // 5),
+            config = recipe_config(steps=total, warmup_steps=min(3, total), eval_every=max(1, total // 5),
                                    lr=learning_rate(choice.value), progress=False)
+
+            def validates(step: int) -> bool:
+                return step % config.eval_every == 0 or step == total
 
             def draw(row: dict) -> None:
                 rows.append(row)
-                status.value = f"step {row['step']}/{steps.value}: train loss {row['train_loss']:.3f}"
+                step = row["step"]
+                progress.value = step
+                # Say what runs next: the last step's validation pass takes a while, and "step 9/10" would sit there.
+                upcoming = "" if step == total else (
+                    f"; running step {step + 1}" + (" and a validation pass" if validates(step + 1) else ""))
+                status.value = f"step {step}/{total}: train loss {row['train_loss']:.3f}{upcoming}"
                 with output:
                     output.clear_output(wait=True)
-                    display(_loss_figure(pd.DataFrame(rows), f"{choice.value}, live"))
+                    display(_loss_figure(pd.DataFrame(rows), f"{choice.value}, live: step {step} of {total}",
+                                         total_tokens=row["tokens"] * total // step))
 
             from .training import train
 
+            status.value = f"a first validation pass, then step 1/{total} ..."
             history = train(model, train_data, val_data, config, callback=draw)
-            status.value = f"done: validation loss {history['val_loss'].dropna().iloc[-1]:.3f} after {steps.value} steps"
+            final = history["val_loss"].dropna().iloc[-1]
+            done_steps = int(history["step"].iloc[-1])
+            with output:  # the whole history, the validation loss before training included
+                output.clear_output(wait=True)
+                display(_loss_figure(history, f"{choice.value}: {done_steps} steps, validation loss {final:.3f}",
+                                     total_tokens=int(history["tokens"].iloc[-1])))
+            status.value = f"done: step {done_steps}/{total}, validation loss {final:.3f}"
         except Exception as err:  # show the error in the panel; the notebook keeps running
             status.value = f"error: {err}"
         finally:
             button.disabled = False
 
     button.on_click(run)
-    return w.VBox([w.HBox([choice, steps, button]), status, output])
+    return w.VBox([w.HBox([choice, steps, button]), progress, status, output])
