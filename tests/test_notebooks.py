@@ -48,3 +48,26 @@ def test_the_check_finds_a_repeated_cell(tmp_path):
 def test_no_cell_is_empty():
     empty = [(path.stem, i) for path in NOTEBOOKS for i, (_, source) in enumerate(cells(path)) if not source]
     assert not empty, f"empty cells: {empty}"
+
+
+def test_notebooks_carry_the_metadata_jupyterlab_writes():
+    """JupyterLab rewrites another kernelspec name or stored widget state on opening, so a read leaves git dirty.
+
+    tests/browser checks the same in a real JupyterLab; this is the offline half, for machines without a browser.
+    """
+    import sys
+
+    from jupyter_client.kernelspec import get_kernel_spec
+
+    root = NOTEBOOKS[0].parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from run_notebooks import kernelspec
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    assert kernelspec()["display_name"] == get_kernel_spec("python3").display_name
+    paths = [p for folder in ("notebooks", "solutions", "student") for p in sorted((root / folder).glob("*.ipynb"))]
+    assert len(paths) >= 3 * len(NOTEBOOKS) - 1
+    wrong = [p.relative_to(root).as_posix() for p in paths
+             if (meta := json.loads(p.read_text())["metadata"]).get("kernelspec") != kernelspec() or "widgets" in meta]
+    assert not wrong, f"re-run scripts/run_notebooks.py (or make student) for {wrong}"
