@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 import torch
 from matplotlib.patches import Rectangle
 
 import helpers
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 from helpers.plotting import _CONTEXT, _PREFIX, _SCORED, plot_windows
 
 CASES = [  # (n_tokens, block_size, stride, n_prefix)
@@ -73,9 +74,6 @@ def test_bad_input_is_one_clear_value_error(args, kwargs, message):
 
 
 def test_trainable_map_uses_a_log_axis_when_the_trainable_share_would_be_a_sliver():
-    import pandas as pd
-    from conftest import tiny_config
-
     # LoRA on the default model: 0.16 M trainable in each 3.6 M block, beside a 28 M embedding.
     lora = pd.DataFrame({"parameters": [28_311_552, 3_704_448, 3_704_448], "trainable": [0, 163_840, 163_840],
                          "note": ["", "", ""]}, index=["embeddings", "block 0", "block 1"])

@@ -30,7 +30,6 @@ def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None
     ax.barh(y, millions_total, color="#d9d9d9", label="frozen")
     ax.barh(y, millions_trainable, color="#2b8cbe", label="trainable")
     ax.set_yticks(list(y), parts, fontsize=7 if len(parts) > 16 else 9)
-    shares = (table["trainable"] / table["parameters"].where(table["parameters"] > 0))
     partly = (table["trainable"] > 0) & (table["trainable"] < table["parameters"])
     if (partly & (table["trainable"] < 0.02 * table["parameters"].max())).any():
         # A partly trained part whose trainable bar is under 2 % of the axis (LoRA's adapters: 0.16 M of a 3.6 M
@@ -41,8 +40,9 @@ def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None
         ax.set_xlim(smallest / 3, millions_total.max() * 8)
         ax.set_xlabel("parameters (millions, log scale)")
         # A log axis shrinks the gap between the bars, so each partly trained part also states its share.
-        for i, (share, total) in enumerate(zip(shares, millions_total)):
-            if 0 < share < 1:
+        for i, (part, total) in enumerate(zip(partly, millions_total)):
+            if part:
+                share = table["trainable"].iloc[i] / table["parameters"].iloc[i]
                 ax.annotate(f"{share:.1%}", (total, i), xytext=(3, 0), textcoords="offset points", va="center",
                             fontsize=7 if len(parts) > 16 else 8, color="#2b8cbe")
     else:
