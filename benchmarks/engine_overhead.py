@@ -1,4 +1,4 @@
-"""What the Accelerate engine costs one process: helpers.train against helpers.finetune.train_accelerated.
+"""What the Accelerate engine costs one process: helpers.train alone against helpers.train on Accelerate.
 
 Usage: python benchmarks/engine_overhead.py [--steps 4] [--rounds 3] [--strategy full_fine_tuning]
 Both loops train the default model at the recipe's batch (4 x 128 tokens, fp32) in this one process, in alternating
@@ -17,7 +17,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import helpers  # noqa: E402
-from helpers.finetune import make_accelerator, train_accelerated  # noqa: E402
+from helpers.engine import make_accelerator  # noqa: E402
 
 
 def fastest_step(history) -> float:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "plain":
                 history = helpers.train(model, train_data, val_data, config)
             else:
-                history = train_accelerated(model, train_data, val_data, config, accelerator=accelerator)
+                history = helpers.train(model, train_data, val_data, config, accelerator=accelerator)
             best[name] = min(best[name], fastest_step(history))
             print(f"round {round_ + 1}: {name:<12} fastest step {fastest_step(history):.3f} s", flush=True)
             del model

@@ -15,7 +15,8 @@ from accelerate.utils import gather_object  # noqa: E402
 
 from conftest import char_tokenizer, tiny_model  # noqa: E402
 from helpers import apply_strategy, make_dataloader, train  # noqa: E402
-from helpers.finetune import make_accelerator, train_accelerated, weights_digest  # noqa: E402
+from helpers.engine import make_accelerator  # noqa: E402
+from helpers.finetune import weights_digest  # noqa: E402
 from helpers.training import TrainConfig  # noqa: E402
 
 TEXT = ("fn main() { let owner = String::from(\"value\"); let borrowed = &owner; println!(\"{borrowed}\"); }\n"
@@ -48,7 +49,7 @@ def main(out: str) -> None:
     for family, strategy, options in CASES:
         model = apply_strategy(no_dropout(tiny_model(family)), strategy, **options)
         single = copy.deepcopy(model)
-        history = train_accelerated(model, *loaders(tokenizer), config, accelerator=accelerator)
+        history = train(model, *loaders(tokenizer), config, accelerator=accelerator)
         digests = gather_object([weights_digest(model)])
         if accelerator.is_main_process:
             reference = train(single, *loaders(tokenizer), config)  # one process, the same global batches
@@ -61,7 +62,7 @@ def main(out: str) -> None:
                                        "tokens": history.attrs["tokens"], "reference_tokens": reference.attrs["tokens"]}
         accelerator.wait_for_everyone()
     try:  # a strategy that changes what trains mid-run cannot be data parallel: refused before any step
-        train_accelerated(apply_strategy(tiny_model("llama"), "gradual_unfreezing"), *loaders(tokenizer), config,
+        train(apply_strategy(tiny_model("llama"), "gradual_unfreezing"), *loaders(tokenizer), config,
                           accelerator=accelerator)
         report["gradual_refused"] = None
     except ValueError as error:

@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import apply_strategy, train
-from helpers.finetune import check_launch, launched_processes, main, make_accelerator, shard, train_accelerated
+from helpers.engine import check_launch, launched_processes, make_accelerator, shard
+from helpers.finetune import main
 from helpers.training import TrainConfig
 
 from conftest import FAMILIES, char_tokenizer, tiny_config, tiny_model
@@ -41,7 +42,7 @@ def test_one_process_gives_the_numbers_of_helpers_train(family):
     torch.manual_seed(0)
     expected = train(twin, *_loaders(tokenizer), config)
     torch.manual_seed(0)
-    history = train_accelerated(model, *_loaders(tokenizer), config, accelerator=make_accelerator(cpu=True))
+    history = train(model, *_loaders(tokenizer), config, accelerator=make_accelerator(cpu=True))
     assert history.attrs["world_size"] == 1 and history.attrs["distributed_type"] == "NO"
     for column in ("train_loss", "val_loss"):
         assert history[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-6, abs=0, nan_ok=True)
@@ -54,7 +55,7 @@ def test_early_stopping_keeps_the_best_weights_as_helpers_train_does():
     config = TrainConfig(steps=12, lr=0.3, warmup_steps=0, eval_every=1, patience=2, progress=False)
     model = tiny_model("qwen2")
     start = copy.deepcopy(model)
-    history = train_accelerated(model, *_loaders(tokenizer), config, accelerator=make_accelerator(cpu=True))
+    history = train(model, *_loaders(tokenizer), config, accelerator=make_accelerator(cpu=True))
     expected = train(start, *_loaders(tokenizer), config)
     assert history.attrs["best_step"] == expected.attrs["best_step"]
     assert history.attrs["stopped_early_at"] == expected.attrs["stopped_early_at"]
@@ -94,7 +95,7 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
 
 def test_torchrun_without_the_cpu_setting_is_refused_not_run_twice():
     # Accelerate's default on a machine without a GPU: each of the two processes would train alone.
-    code = ("from accelerate import Accelerator; from helpers.finetune import check_launch; "
+    code = ("from accelerate import Accelerator; from helpers.engine import check_launch; "
             "check_launch(Accelerator().num_processes)")
     done = _torchrun("--no-python", sys.executable, "-c", code)
     assert done.returncode != 0 and "duplicate runs instead of one" in done.stderr
@@ -163,9 +164,9 @@ def test_a_batch_smaller_than_the_world_is_refused():
     tokenizer = char_tokenizer(bos=False)
     accelerator = make_accelerator(cpu=True)
     with mock.patch.object(type(accelerator), "num_processes", new_callable=mock.PropertyMock, return_value=3), \
-            mock.patch("helpers.finetune.check_launch"):
+            mock.patch("helpers.engine.check_launch"):
         with pytest.raises(ValueError, match="batch of 2 rows cannot be split over 3 processes"):
-            train_accelerated(tiny_model("gpt2"), *_loaders(tokenizer, batch_size=2), TrainConfig(steps=1, warmup_steps=0, progress=False),
+            train(tiny_model("gpt2"), *_loaders(tokenizer, batch_size=2), TrainConfig(steps=1, warmup_steps=0, progress=False),
                               accelerator=accelerator)
 
 
@@ -177,3 +178,39 @@ def test_help_names_every_option_and_the_launchers():
                    "--grad-accum", "--cpu"):
         assert option in done.stdout
     assert "torchrun --nproc_per_node" in done.stdout and "accelerate launch" in done.stdout
+
+
+# --- the loop's promises hold on both paths: plain and through Accelerate -------------------------------------------
+
+ENGINES = {"plain": lambda: None, "accelerate": lambda: make_accelerator(cpu=True)}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gradient_checkpointing_is_turned_off_again_after_training(engine):
+    model = tiny_model("llama")
+    config = TrainConfig(steps=2, warmup_steps=0, eval_every=0, gradient_checkpointing=True, progress=False)
+    history = train(model, *_loaders(char_tokenizer(bos=False)), config, accelerator=ENGINES[engine]())
+    assert history.attrs["gradient_checkpointing"] and not model.is_gradient_checkpointing
+    # A model that had it on before keeps it on.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train(model, *_loaders(char_tokenizer(bos=False)), config, accelerator=ENGINES[engine]())
+    assert model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ctrl_c_returns_the_history_so_far_with_the_mode_restored(engine, capsys):
+    model = tiny_model("qwen2")  # in eval mode, as tiny_model builds it
+    seen = []
+
+    def stop_at_step_2(row: dict) -> None:
+        seen.append(row["step"])
+        if row["step"] == 2:
+            raise KeyboardInterrupt
+
+    config = TrainConfig(steps=5, warmup_steps=0, eval_every=1, progress=False)
+    history = train(model, *_loaders(char_tokenizer(bos=False)), config, accelerator=ENGINES[engine](),
+                    callback=stop_at_step_2)
+    assert seen == [1, 2] and history.attrs["interrupted"]
+    assert history["step"].tolist() == [0, 1, 2]  # step 2 was done when Ctrl-C came during its report
+    assert not model.training and "interrupted after 2 of 5 steps" in capsys.readouterr().out
+    assert all(p.grad is None for p in model.parameters())

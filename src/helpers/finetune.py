@@ -1,297 +1,24 @@
-"""The training loop of `helpers.train` on Hugging Face Accelerate: one process, data parallel over N, or FSDP.
+"""`python -m helpers.finetune`: one strategy trained by `helpers.train` on Accelerate, launchable as a command.
 
-`train_accelerated` is `helpers.train` with four changes, each marked `# engine:` below: the model and optimizer go
-through `accelerator.prepare`, every rank keeps its slice of the global batch, `accelerator.backward` replaces
-`loss.backward`, and validation sums its loss and token count over all ranks. In one process it computes the same
-numbers as `helpers.train`. `python -m helpers.finetune --help` is the launchable command; it runs unchanged under
-`torchrun --nproc_per_node N` and `accelerate launch`.
+The same command runs in one process, under `torchrun --nproc_per_node N` and under `accelerate launch`; the loop is
+`helpers.train` with an `accelerator` (helpers.engine). `python -m helpers.finetune --help` lists the options.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import itertools
 import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .training import (
-    HISTORY_COLUMNS, TrainConfig, _batch_tensors, _batches, _checkpointing, _loss_sum, _optimizer_groups, _PeakMemory,
-    batch_size_tokens, lr_factor, trained_state,
-)
-from .strategies import StrategyInfo
-
-if TYPE_CHECKING:
-    import pandas as pd
-    from accelerate import Accelerator
-    from torch.utils.data import DataLoader
-
-LAUNCH_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-"""Environment variables through which launchers (torchrun, accelerate launch, mpirun) tell a process how many ran."""
-
-
-def launched_processes(environ: dict | None = None) -> int:
-    """Return how many processes the launcher started (1 when none set a world size)."""
-    environ = os.environ if environ is None else environ
-    for name in LAUNCH_ENV:
-        if environ.get(name, "").strip().isdigit():
-            return int(environ[name])
-    return 1
-
-
-def check_launch(num_processes: int, environ: dict | None = None) -> None:
-    """Raise RuntimeError if N processes were launched but this one trains alone: N duplicate runs, not one."""
-    launched = launched_processes(environ)
-    if launched > 1 and num_processes == 1:
-        raise RuntimeError(
-            f"{launched} processes were launched (WORLD_SIZE={launched}), but this one is not part of a distributed "
-            f"run: each would train alone on the same data, {launched} duplicate runs instead of one. On a machine "
-            "without a GPU, Accelerate needs its CPU setting to join the processes with gloo: build the Accelerator "
-            "with helpers.finetune.make_accelerator() (it sets cpu=True when CUDA is absent), pass "
-            "Accelerator(cpu=True), or set ACCELERATE_USE_CPU=1."
-        )
-
-
-def make_accelerator(*, mixed_precision: bool = False, fsdp: bool = False, cpu: bool | None = None) -> Accelerator:
-    """Return an Accelerator for this launch: gloo on CPU-only machines, autocast on CUDA if asked, FSDP if asked.
-
-    `cpu=None` decides by the hardware: the CPU when CUDA is absent, which is also what makes N CPU processes
-    started by torchrun join one run instead of training N times side by side.
-    """
-    from accelerate import Accelerator
-
-    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-    # Autocast only where it pays: on CUDA, in bf16 where the card has it (fp16 with loss scaling on older cards, as
-    # helpers.train does). On the CPU the run stays fp32.
-    precision = "no"
-    if mixed_precision and not cpu and torch.cuda.is_available():
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    plugin = None
-    if fsdp:
-        if cpu:
-            # Accelerate's FSDP plugin needs an accelerator device: on a CPU it raises "There are currently no
-            # available devices found". Say so before it does, with what works instead.
-            raise ValueError("FSDP through Accelerate needs a GPU (CUDA) or another accelerator, and this run is on "
-                             "the CPU. Drop --fsdp (fsdp=False): data parallelism over CPU processes works here.")
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        # use_orig_params keeps frozen and trainable tensors side by side in one shard, which freezing strategies need.
-        plugin = FullyShardedDataParallelPlugin(use_orig_params=True, sync_module_states=True)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, fsdp_plugin=plugin)
-    check_launch(accelerator.num_processes)
-    return accelerator
-
-
-def shard(batch, rank: int, world: int):
-    """Return this rank's rows of a global batch (a tensor, a tuple/list of tensors, or a dict of tensors)."""
-    if isinstance(batch, torch.Tensor):
-        return torch.tensor_split(batch, world)[rank]
-    if isinstance(batch, dict):
-        return {k: shard(v, rank, world) for k, v in batch.items()}
-    return type(batch)(shard(v, rank, world) for v in batch)
-
-
-def _is_fsdp(accelerator: Accelerator) -> bool:
-    return str(accelerator.distributed_type).endswith("FSDP")
-
-
-def _rows(batch) -> int:
-    ids = batch["input_ids"] if isinstance(batch, dict) else (batch[0] if isinstance(batch, (list, tuple)) else batch)
-    return ids.shape[0]
-
-
-@torch.no_grad()
-def evaluate_loss_distributed(model: nn.Module, data: DataLoader, accelerator: Accelerator, *,
-                              max_batches: int | None = None) -> float:
-    """Return the token-weighted mean next-token NLL over `data`, each batch scored by one rank and summed over all."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    # A DDP wrapper may broadcast buffers in its forward, a collective that ranks scoring different batches would not
-    # all join; the wrapped module computes the same. FSDP's shards only compute inside the wrapper.
-    scorer = model if _is_fsdp(accelerator) else accelerator.unwrap_model(model)
-    was_training = scorer.training
-    scorer.eval()
-    total, count = 0.0, 0
-    batches = list(itertools.islice(data, max_batches))
-    # Batch i goes to rank i mod world, so every token is scored exactly once. Under FSDP every rank must join every
-    # forward pass, so a rank with no batch left in the last round runs one whose result it discards.
-    rounds = math.ceil(len(batches) / world)
-    for r in range(rounds):
-        i = r * world + rank
-        if i < len(batches):
-            loss, n = _loss_sum(scorer, batches[i], accelerator.device, contextlib.nullcontext)
-            total, count = total + loss.item(), count + n
-        elif _is_fsdp(accelerator):
-            _loss_sum(scorer, batches[0], accelerator.device, contextlib.nullcontext)
-    scorer.train(was_training)
-    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=accelerator.device)
-    total, count = accelerator.reduce(sums, reduction="sum").tolist()  # engine: loss and tokens summed over ranks
-    if count == 0:
-        raise ValueError("The validation data holds no tokens to predict; pass a non-empty DataLoader.")
-    return total / count
-
-
-def train_accelerated(
-    model: nn.Module,
-    train_data: DataLoader,
-    val_data: DataLoader,
-    config: TrainConfig | None = None,
-    *,
-    accelerator: Accelerator | None = None,
-) -> pd.DataFrame:
-    """Return the training history of `helpers.train` (same columns and attrs), training `model` through Accelerate.
-
-    Every rank reads the same global batches in the same order and trains on its slice of each, so N processes
-    take the steps one process takes with the same global batch. attrs add world_size and distributed_type.
-    """
-    import pandas as pd
-
-    config = config or TrainConfig()
-    config.check()
-    accelerator = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
-    check_launch(accelerator.num_processes)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    info = getattr(model, "strategy_info", None)
-    if world > 1 and info is not None and type(info).on_step is not StrategyInfo.on_step:
-        raise ValueError(
-            f"Strategy {info.name!r} changes which tensors train while training, which data parallelism cannot "
-            "follow (DDP fixes the set of synchronised tensors when it wraps the model). Train it in one process."
-        )
-    # The loader's batch_size, not a batch drawn from it: drawing would advance its shuffling and change the run.
-    rows = getattr(train_data, "batch_size", None)
-    if rows is not None and rows < world:
-        raise ValueError(
-            f"A global batch of {rows} rows cannot be split over {world} processes: every rank needs at least "
-            f"one row. Use a batch size of at least {world}, or fewer processes."
-        )
-    torch.manual_seed(config.seed)
-    if config.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing=False.")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    checkpointing_before = _checkpointing(model)
-    groups = _optimizer_groups(model, config.lr, config.weight_decay)
-    tracked = [p for g in groups for p in g["params"]]
-    fused = {"fused": True} if accelerator.device.type in ("cpu", "cuda") and not _is_fsdp(accelerator) else {}
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, **fused)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)  # engine: DDP or FSDP wrapping, device placement
-    # The schedule steps once per optimizer step; an Accelerate-prepared scheduler would step once per process.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: lr_factor(s + 1, config))
-    precision = {"bf16": "bf16", "fp16": "fp16"}.get(str(accelerator.mixed_precision), "fp32")
-    wrapped.train()
-
-    history: list[dict] = []
-    tokens, train_seconds, stopped_at = 0, 0.0, None
-    best = {"val": math.inf, "step": None, "weights": None, "misses": 0}
-
-    def validate(step: int) -> tuple[float, float]:
-        val = evaluate_loss_distributed(wrapped, val_data, accelerator, max_batches=config.eval_batches)
-        if config.patience:
-            if val < best["val"]:
-                best.update(val=val, step=step, misses=0, weights=[p.detach().clone() for p in tracked])
-            else:
-                best["misses"] += 1
-        return val, math.exp(min(val, 700.0))
-
-    from .progress import tqdm
-
-    bar = tqdm(total=config.steps, desc=f"train ({precision}, {world} process{'es' if world > 1 else ''})",
-               disable=not (config.progress and accelerator.is_main_process))
-    stream = _batches(train_data)
-    memory = _PeakMemory(accelerator.device)
-    # What the process held before training (weights included): the peak minus this is what training added.
-    at_start = (torch.cuda.memory_allocated(accelerator.device) if accelerator.device.type == "cuda"
-                else _PeakMemory.rss())
-    try:
-        with memory:
-            if config.eval_at_start:
-                val, ppl = validate(0)
-                history.append({"step": 0, "tokens": 0, "train_loss": float("nan"), "val_loss": val, "val_ppl": ppl,
-                                "lr": 0.0, "seconds": 0.0})
-            for step in range(1, config.steps + 1):
-                start = time.perf_counter()
-                lr_now = optimizer.param_groups[0]["lr"]
-                batches = [next(stream) for _ in range(config.grad_accum)]  # the global batches, alike on every rank
-                short = [_rows(b) for b in batches if _rows(b) < world]
-                if short:  # every rank sees the same batches, so every rank stops here together
-                    raise ValueError(
-                        f"Step {step} drew a batch of {short[0]} rows, fewer than the {world} processes: a rank would "
-                        "have nothing to train on. Build the DataLoader with drop_last=True or a batch size that "
-                        "leaves no short last batch."
-                    )
-                total_targets = max(sum(int((_batch_tensors(b, torch.device("cpu"))[2] != -100).sum()) for b in batches), 1)
-                loss_sum = 0.0
-                for i, batch in enumerate(batches):
-                    mine = shard(batch, rank, world)  # engine: this rank's rows of the global batch
-                    # Gradients are averaged over ranks once, after the last micro-batch of the step.
-                    sync = accelerator.no_sync(wrapped) if i < len(batches) - 1 else contextlib.nullcontext()
-                    with sync:
-                        loss, _ = _loss_sum(wrapped, mine, accelerator.device, contextlib.nullcontext)
-                        # DDP averages gradients over the ranks; times `world`, that is the global token-weighted mean.
-                        accelerator.backward(loss * world / total_targets)  # engine: replaces loss.backward()
-                    loss_sum += loss.item()
-                    tokens += batch_size_tokens(batch)
-                loss_sum = accelerator.reduce(torch.tensor(loss_sum, dtype=torch.float64, device=accelerator.device),
-                                              reduction="sum").item()
-                if not math.isfinite(loss_sum):
-                    raise FloatingPointError(
-                        f"The training loss became {loss_sum} at step {step} (learning rate {lr_now:.3g}). "
-                        "Lower TrainConfig.lr, keep grad_clip on, or check the data for empty blocks."
-                    )
-                if config.grad_clip:
-                    accelerator.clip_grad_norm_([p for p in tracked if p.grad is not None], config.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                train_seconds += time.perf_counter() - start
-                if info is not None:
-                    info.on_step(model, step)
-                row = {"step": step, "tokens": tokens, "train_loss": loss_sum / total_targets,
-                       "val_loss": float("nan"), "val_ppl": float("nan"), "lr": lr_now, "seconds": train_seconds}
-                if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                    row["val_loss"], row["val_ppl"] = validate(step)
-                history.append(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}")
-                if config.patience and best["misses"] >= config.patience and step < config.steps:
-                    stopped_at = step
-                    break
-    finally:
-        bar.close()
-        if best["weights"] is not None:
-            with torch.no_grad():
-                for p, saved in zip(tracked, best["weights"]):
-                    p.copy_(saved)
-        if config.gradient_checkpointing and not checkpointing_before:
-            model.gradient_checkpointing_disable()
-
-    peak = accelerator.reduce(torch.tensor(float(memory.peak), device=accelerator.device), reduction="max").item()
-    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
-    frame.attrs.update({
-        "precision": precision,
-        "gradient_checkpointing": config.gradient_checkpointing,
-        "interrupted": False,
-        "train_seconds": train_seconds,
-        "tokens": tokens,
-        "tokens_per_second": tokens / train_seconds if train_seconds else float("nan"),
-        "peak_memory_mb": peak / 2**20,
-        "memory_at_start_mb": at_start / 2**20,
-        "config": asdict(config),
-        "stopped_early_at": stopped_at,
-        "best_step": best["step"],
-        "best_val_loss": best["val"] if best["step"] is not None else None,
-        "world_size": world,
-        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-    })
-    return frame
+from .engine import is_fsdp, make_accelerator
+from .training import TrainConfig, train, trained_state
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
@@ -429,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                          gradient_checkpointing=args.checkpointing, mixed_precision=args.bf16,
                          progress=not args.no_progress)
     try:
-        history = train_accelerated(model, train_data, val_data, config, accelerator=accelerator)
+        history = train(model, train_data, val_data, config, accelerator=accelerator)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from accelerate.utils import gather_object
 
-    if _is_fsdp(accelerator):
+    if is_fsdp(accelerator):
         # Each rank holds a different shard: gather the full tensors on rank 0 and keep the trainable ones.
         trainable = {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
         full = accelerator.get_state_dict(accelerator._models[-1])
@@ -444,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         state = trained_state(model)
         digests = gather_object([_digest(state)])  # one per rank, in rank order
-    identical = None if _is_fsdp(accelerator) else len(set(digests)) == 1
+    identical = None if is_fsdp(accelerator) else len(set(digests)) == 1
     if accelerator.is_main_process:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import threading
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from .engine import check_engine, check_rows, is_fsdp, shard, world_and_rank
 from .progress import tqdm
 
 HISTORY_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "seconds"]
@@ -106,18 +108,34 @@ def _loss_sum(model: nn.Module, batch, device: torch.device, autocast) -> tuple[
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, data: DataLoader, *, max_batches: int | None = None, autocast=contextlib.nullcontext) -> float:
-    """Return the token-weighted mean next-token NLL (nats) of `model` over `data` (the first `max_batches`)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+def evaluate_loss(model: nn.Module, data: DataLoader, *, max_batches: int | None = None,
+                  autocast=contextlib.nullcontext, accelerator=None) -> float:
+    """Return the token-weighted mean next-token NLL (nats) over `data`'s first `max_batches` (notebook 03).
+
+    With an `accelerator`, batch i is scored by rank i mod N and the sums are added over ranks, so every token
+    counts once.
+    """
+    world, rank = world_and_rank(accelerator)
+    # A DDP wrapper may broadcast buffers in its forward, a collective that ranks scoring different batches would not
+    # all join; the wrapped module computes the same. FSDP's shards only compute inside the wrapper.
+    scorer = model
+    if accelerator and not is_fsdp(accelerator):
+        scorer = accelerator.unwrap_model(model)  # engine: score with the module inside DDP's wrapper
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    was_training = scorer.training
+    scorer.eval()
     total, count = 0.0, 0
-    for i, batch in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            break
-        loss, n = _loss_sum(model, batch, device, autocast)
-        total, count = total + loss.item(), count + n
-    model.train(was_training)
+    batches = list(itertools.islice(data, max_batches))
+    for i in range(rank, math.ceil(len(batches) / world) * world, world):
+        if i < len(batches):
+            loss, n = _loss_sum(scorer, batches[i], device, autocast)
+            total, count = total + loss.item(), count + n
+        elif is_fsdp(accelerator):  # every rank joins every FSDP forward: score a batch and discard it
+            _loss_sum(scorer, batches[0], device, autocast)
+    scorer.train(was_training)
+    if accelerator:
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        total, count = accelerator.reduce(sums, reduction="sum").tolist()  # engine: loss and tokens over ranks
     if count == 0:
         raise ValueError("The validation data holds no tokens to predict; pass a non-empty DataLoader.")
     return total / count
@@ -136,6 +154,8 @@ class _PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device, self.peak, self._stop = device, 0, threading.Event()
+        # What the process holds before training (weights included): the peak minus this is what training added.
+        self.at_start = torch.cuda.memory_allocated(device) if device.type == "cuda" else self.rss()
 
     @staticmethod
     def rss() -> int:
@@ -211,143 +231,234 @@ def _optimizer_groups(model: nn.Module, lr: float, weight_decay: float) -> list[
     return groups
 
 
-def train(
-    model: nn.Module,
-    train_data: DataLoader,
-    val_data: DataLoader,
-    config: TrainConfig | None = None,
-    *,
-    callback=None,
-) -> pd.DataFrame:
-    """Return the training history (step, tokens, train_loss, val_loss, val_ppl, lr, seconds), training `model` in place.
+def _precision(device: torch.device, config: TrainConfig, accelerator) -> tuple[object, str, object]:
+    """Return (autocast factory, precision label, fp16 loss scaler or None) for the loop."""
+    if accelerator:  # engine: Accelerate autocasts inside the prepared model and scales fp16 losses itself
+        label = {"bf16": "bf16", "fp16": "fp16"}.get(str(accelerator.mixed_precision), "fp32")
+        return contextlib.nullcontext, label, None
+    autocast, label = _autocast_for(device, config.mixed_precision)
+    return autocast, label, (torch.amp.GradScaler("cuda") if label == "fp16" else None)
 
-    Ctrl-C (KeyboardInterrupt) stops early and returns the history so far; a NaN or infinite loss raises
-    FloatingPointError naming the step. With `config.patience`, training stops after that many validations without
-    a new best and the model ends with the weights of its best validation (step 0, the untrained weights, included).
-    history.attrs records precision, gradient checkpointing, tokens per second, peak memory and, with early
-    stopping, best_step, best_val_loss and stopped_early_at.
+
+def _enable_checkpointing(model: nn.Module, on: bool) -> bool:
+    """Turn gradient checkpointing on if asked; return whether it was on before, so that it can be restored."""
+    before = _checkpointing(model)
+    if on:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
+                             "set gradient_checkpointing=False.")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return before
+
+
+def _check_finite(loss: float, step: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"The training loss became {loss} at step {step} (learning rate {lr:.3g}). "
+            "Lower TrainConfig.lr, keep grad_clip on, or check the data for empty blocks."
+        )
+
+
+def _backward(model, batches: list, step: int, lr: float, device, autocast, scaler, accelerator) -> tuple[float, int, int]:
+    """Return (summed loss, predicted tokens, input tokens) of one step's micro-batches, their gradients accumulated."""
+    world, rank = world_and_rank(accelerator)
+    if accelerator:
+        check_rows(batches, world, step)
+    total_targets = max(sum(int((_batch_tensors(b, torch.device("cpu"))[2] != -100).sum()) for b in batches), 1)
+    loss_sum, tokens = 0.0, 0
+    for i, batch in enumerate(batches):
+        if accelerator is None:
+            loss, _ = _loss_sum(model, batch, device, autocast)
+            _check_finite(loss.item(), step, lr)
+            # Scale so the accumulated gradient is that of the token-weighted mean over all micro-batches.
+            scaled = loss / total_targets
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        else:
+            mine = shard(batch, rank, world)  # engine: this rank's rows of the global batch
+            last = i == len(batches) - 1  # gradients are averaged over the ranks once, after the last micro-batch
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):  # engine: all-reduce once a step
+                loss, _ = _loss_sum(model, mine, device, autocast)
+                # DDP averages gradients over the ranks; times `world`, that is the global token-weighted mean.
+                accelerator.backward(loss * world / total_targets)  # engine: replaces loss.backward()
+        loss_sum += loss.item()
+        tokens += batch_size_tokens(batch)
+    if accelerator:
+        step_loss = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+        loss_sum = accelerator.reduce(step_loss, reduction="sum").item()  # engine: the step's loss over ranks
+        _check_finite(loss_sum, step, lr)
+    return loss_sum, total_targets, tokens
+
+
+class _EarlyStopping:
+    """Keep a copy of the tracked tensors at the lowest validation loss; count validations without a new best."""
+
+    def __init__(self, tracked: list[torch.Tensor], patience: int):
+        self.tracked, self.patience = tracked, patience
+        self.val, self.step, self.weights, self.misses = math.inf, None, None, 0
+
+    def record(self, val: float, step: int) -> None:
+        if not self.patience:
+            return
+        if val < self.val:
+            self.val, self.step, self.misses = val, step, 0
+            self.weights = [p.detach().clone() for p in self.tracked]
+        else:
+            self.misses += 1
+
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.misses >= self.patience
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.weights is not None:
+            for p, saved in zip(self.tracked, self.weights):
+                p.copy_(saved)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig, device, accelerator):
+    """Return (optimizer groups' tensors, wrapped model, optimizer, scheduler)."""
+    groups = _optimizer_groups(model, config.lr, config.weight_decay)
+    fused = {"fused": True} if device.type in ("cpu", "cuda") and not is_fsdp(accelerator) else {}
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, **fused)
+    wrapped = model
+    if accelerator:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)  # engine: DDP or FSDP wrapping, device placement
+    # The schedule steps once per optimizer step; an Accelerate-prepared scheduler would step once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(optimizer, "optimizer", optimizer),
+                                                  lambda s: lr_factor(s + 1, config))
+    return [p for g in groups for p in g["params"]], wrapped, optimizer, scheduler
+
+
+def train(model: nn.Module, train_data: DataLoader, val_data: DataLoader, config: TrainConfig | None = None, *,
+          accelerator=None, callback=None) -> pd.DataFrame:
+    """Return the history (step, tokens, train_loss, val_loss, val_ppl, lr, seconds), training `model` (notebook 03).
+
+    With an Accelerate `accelerator` (helpers.engine.make_accelerator) it trains through it, in one process or N
+    data-parallel ones; the lines marked as engine lines differ (notebook 10). Ctrl-C returns the history so far; a NaN
+    loss raises FloatingPointError; `config.patience` stops early and keeps the best validation's weights.
     """
     config = config or TrainConfig()
     config.check()
-    device = next(model.parameters()).device
+    check_engine(model, train_data, accelerator)
+    device = accelerator.device if accelerator else next(model.parameters()).device
     torch.manual_seed(config.seed)
-    groups = _optimizer_groups(model, config.lr, config.weight_decay)
-    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, **fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1, config))
-    autocast, precision = _autocast_for(device, config.mixed_precision)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    info = getattr(model, "strategy_info", None)
+    tracked, wrapped, optimizer, scheduler = _optimizer(model, config, device, accelerator)
+    autocast, precision, scaler = _precision(device, config, accelerator)
+    info, was_training = getattr(model, "strategy_info", None), model.training
+    checkpointing_before = _enable_checkpointing(model, config.gradient_checkpointing)
+    wrapped.train()
+    history, best, memory = [], _EarlyStopping(tracked, config.patience), _PeakMemory(device)
+    stats = {"tokens": 0, "train_seconds": 0.0, "interrupted": False, "stopped_early_at": None}
+    bar, stream = _progress_bar(config, precision, accelerator), _batches(train_data)
 
-    was_training = model.training
-    checkpointing_before = _checkpointing(model)
-    if config.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing=False.")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    def validate(step: int) -> float:
+        val = evaluate_loss(wrapped, val_data, max_batches=config.eval_batches, autocast=autocast,
+                            accelerator=accelerator)
+        best.record(val, step)
+        return val
 
-    history: list[dict] = []
-    tokens, train_seconds, interrupted, stopped_at = 0, 0.0, False, None
-
-    # Early stopping keeps a copy of every tensor the optimizer may change (all stages of gradual unfreezing).
-    tracked = [p for g in groups for p in g["params"]]
-    best = {"val": math.inf, "step": None, "weights": None, "misses": 0}
-
-    def validate(step: int) -> tuple[float, float]:
-        val = evaluate_loss(model, val_data, max_batches=config.eval_batches, autocast=autocast)
-        if config.patience:
-            if val < best["val"]:
-                best.update(val=val, step=step, misses=0, weights=[p.detach().clone() for p in tracked])
-            else:
-                best["misses"] += 1
-        return val, math.exp(min(val, 700.0))
-
-    bar = tqdm(total=config.steps, desc=f"train ({precision}{', checkpointing' if config.gradient_checkpointing else ''})",
-               disable=not config.progress)
-    stream = _batches(train_data)
-    memory = _PeakMemory(device)
     try:
         with memory:
             if config.eval_at_start:
-                val, ppl = validate(0)
-                history.append({"step": 0, "tokens": 0, "train_loss": float("nan"), "val_loss": val, "val_ppl": ppl,
-                                "lr": 0.0, "seconds": 0.0})
+                history.append(_row(0, stats, float("nan"), 0.0, validate(0)))
             for step in range(1, config.steps + 1):
-                start = time.perf_counter()
-                lr_now = optimizer.param_groups[0]["lr"]
-                batches = [next(stream) for _ in range(config.grad_accum)]
-                counts = [int((_batch_tensors(b, torch.device("cpu"))[2] != -100).sum()) for b in batches]
-                total_targets = max(sum(counts), 1)
-                loss_sum = 0.0
-                for batch in batches:
-                    loss, n = _loss_sum(model, batch, device, autocast)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"The training loss became {loss.item()} at step {step} (learning rate {lr_now:.3g}). "
-                            "Lower TrainConfig.lr, keep grad_clip on, or check the data for empty blocks."
-                        )
-                    # Scale so the accumulated gradient is that of the token-weighted mean over all micro-batches.
-                    scaled = loss / total_targets
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                    loss_sum += loss.item()
-                    tokens += batch_size_tokens(batch)
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if config.grad_clip:
-                    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                start, lr_now = time.perf_counter(), optimizer.param_groups[0]["lr"]
+                batches = [next(stream) for _ in range(config.grad_accum)]  # global batches, alike on every rank
+                loss_sum, targets, tokens = _backward(wrapped, batches, step, lr_now, device, autocast, scaler,
+                                                      accelerator)
+                _optimizer_step(optimizer, tracked, config.grad_clip, scaler, accelerator)
                 scheduler.step()
-                train_seconds += time.perf_counter() - start
+                stats["tokens"] += tokens
+                stats["train_seconds"] += time.perf_counter() - start
                 if info is not None:
-                    info.on_step(model, step)
-                row = {"step": step, "tokens": tokens, "train_loss": loss_sum / total_targets,
-                       "val_loss": float("nan"), "val_ppl": float("nan"), "lr": lr_now, "seconds": train_seconds}
-                if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                    row["val_loss"], row["val_ppl"] = validate(step)
-                history.append(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}")
-                if callback is not None:
-                    callback(dict(row))
-                if config.patience and best["misses"] >= config.patience and step < config.steps:
-                    stopped_at = step
+                    info.on_step(model, step)  # e.g. gradual unfreezing opens the next block
+                due = (config.eval_every and step % config.eval_every == 0) or step == config.steps
+                history.append(_row(step, stats, loss_sum / targets, lr_now, validate(step) if due else math.nan))
+                _report(bar, history[-1], callback)
+                if best.should_stop() and step < config.steps:
+                    stats["stopped_early_at"] = step
                     break
     except KeyboardInterrupt:
-        interrupted = True
+        stats["interrupted"] = True
         optimizer.zero_grad(set_to_none=True)
     finally:
         bar.close()
-        if best["weights"] is not None:
-            with torch.no_grad():
-                for p, saved in zip(tracked, best["weights"]):
-                    p.copy_(saved)
+        best.restore()
         if config.gradient_checkpointing and not checkpointing_before:
             model.gradient_checkpointing_disable()
         model.train(was_training)
+    return _history_frame(history, config, precision, stats, memory, best, accelerator)
 
+
+def _report(bar, row: dict, callback) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+    if callback is not None:
+        callback(dict(row))
+
+
+def _row(step: int, stats: dict, train_loss: float, lr: float, val: float) -> dict:
+    """Return one history row; val is NaN where the step did not validate."""
+    return {"step": step, "tokens": stats["tokens"], "train_loss": train_loss, "val_loss": val,
+            "val_ppl": math.nan if math.isnan(val) else math.exp(min(val, 700.0)), "lr": lr,
+            "seconds": stats["train_seconds"]}
+
+
+def _optimizer_step(optimizer, tracked: list[torch.Tensor], grad_clip: float, scaler, accelerator) -> None:
+    """Clip the gradient norm (after unscaling fp16 gradients), step and clear the gradients."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        params = [p for p in tracked if p.grad is not None]
+        if accelerator:
+            accelerator.clip_grad_norm_(params, grad_clip)  # engine: unscales, and works on FSDP shards
+        else:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _progress_bar(config: TrainConfig, precision: str, accelerator):
+    if accelerator is None:
+        desc = f"train ({precision}{', checkpointing' if config.gradient_checkpointing else ''})"
+        return tqdm(total=config.steps, desc=desc, disable=not config.progress)
+    world = accelerator.num_processes
+    desc = f"train ({precision}, {world} process{'es' if world > 1 else ''})"
+    return tqdm(total=config.steps, desc=desc, disable=not (config.progress and accelerator.is_main_process))
+
+
+def _history_frame(history: list[dict], config: TrainConfig, precision: str, stats: dict, memory: "_PeakMemory",
+                   best: _EarlyStopping, accelerator) -> pd.DataFrame:
+    """Return the history as a DataFrame whose attrs say how the run went."""
     frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
+    peak = memory.peak
+    if accelerator:
+        peak = torch.tensor(float(peak), device=accelerator.device)
+        peak = accelerator.reduce(peak, reduction="max").item()  # engine: the largest peak of any rank
+    seconds = stats["train_seconds"]
     frame.attrs.update({
         "precision": precision,
         "gradient_checkpointing": config.gradient_checkpointing,
-        "interrupted": interrupted,
-        "train_seconds": train_seconds,
-        "tokens": tokens,
-        "tokens_per_second": tokens / train_seconds if train_seconds else float("nan"),
-        "peak_memory_mb": memory.mb,
+        "interrupted": stats["interrupted"],
+        "train_seconds": seconds,
+        "tokens": stats["tokens"],
+        "tokens_per_second": stats["tokens"] / seconds if seconds else float("nan"),
+        "peak_memory_mb": peak / 2**20,
         "config": asdict(config),
-        "stopped_early_at": stopped_at,
-        "best_step": best["step"],
-        "best_val_loss": best["val"] if best["step"] is not None else None,
+        "stopped_early_at": stats["stopped_early_at"],
+        "best_step": best.step,
+        "best_val_loss": best.val if best.step is not None else None,
     })
-    if interrupted:
-        print(f"Training interrupted after {len(frame[frame.step > 0])} of {config.steps} steps; returning the history so far.")
+    if accelerator:
+        frame.attrs.update({"memory_at_start_mb": memory.at_start / 2**20, "world_size": accelerator.num_processes,
+                            "distributed_type": str(accelerator.distributed_type).split(".")[-1]})
+    if stats["interrupted"]:
+        print(f"Training interrupted after {len(frame[frame.step > 0])} of {config.steps} steps; "
+              "returning the history so far.")
     return frame
 
 
