@@ -90,28 +90,84 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Two CPU processes (gloo): torchrun --nproc_per_node 2 -m helpers.finetune --steps 4 --out runs/ddp",
     )
     parser.add_argument("--strategy", default="full_fine_tuning",
-                        help="a registered strategy, e.g. full_fine_tuning, freeze_lower_layers, lora (default: %(default)s)")
+                        help="a registered strategy, e.g. freeze_lower_layers or lora (default: %(default)s)")
     parser.add_argument("--model", default=None,
                         help="a local folder, a .gguf file or a Hub id (default: the tutorial's model, offline)")
     parser.add_argument("--corpus", default=None, help="a folder of .txt/.md documents (default: the Rust corpus)")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate (default: the sweep's choice for the strategy, helpers.compare.learning_rate)")
+                        help="learning rate (default: the recipe's rate for the strategy)")
     parser.add_argument("--batch-size", type=int, default=4,
                         help="blocks per global batch, split over the processes (default: %(default)s)")
     parser.add_argument("--block-size", type=int, default=128, help="tokens per block (default: %(default)s)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="global batches per optimizer step (default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=5, help="validate every N steps, 0 = only at the end (default: %(default)s)")
-    parser.add_argument("--eval-batches", type=int, default=2, help="validation batches per check (default: %(default)s)")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="global batches per optimizer step (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=5,
+                        help="validate every N steps, 0 = only at the end (default: %(default)s)")
+    parser.add_argument("--eval-batches", type=int, default=2,
+                        help="validation batches per check (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="data order and initialisation seed (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only; the CPU stays fp32)")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing: less memory, more compute")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing: less memory, more compute")
     parser.add_argument("--fsdp", action="store_true",
                         help="shard weights, gradients and optimizer states over the processes (FSDP; needs GPUs)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present (gloo)")
     parser.add_argument("--out", required=True, help="folder for result.json and trained.safetensors")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _trained_tensors(model: nn.Module, accelerator) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Return (the trainable tensors, their sha256 per rank; under FSDP rank 0's digest of the gathered tensors)."""
+    from accelerate.utils import gather_object
+
+    if not is_fsdp(accelerator):
+        state = trained_state(model)
+        return state, gather_object([_digest(state)])  # one per rank, in rank order
+    # Each rank holds a different shard: gather the full tensors on rank 0 and keep the trainable ones.
+    trainable = {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
+    full = accelerator.get_state_dict(accelerator._models[-1])
+    state = {n: t.detach().cpu().contiguous() for n, t in full.items() if _plain_name(n) in trainable}
+    return state, [_digest(state)] if accelerator.is_main_process else []
+
+
+def _write_result(args: argparse.Namespace, model: nn.Module, config: TrainConfig, history, state: dict,
+                  digests: list[str]) -> None:
+    """Write DIR/result.json and DIR/trained.safetensors, and print what the run did."""
+    from safetensors.torch import save_file
+
+    from .strategies import count_parameters
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "trained.safetensors"))
+    trainable, total = count_parameters(model)
+    attrs = history.attrs
+    identical = None if attrs["distributed_type"].endswith("FSDP") else len(set(digests)) == 1
+    result = {
+        "strategy": args.strategy, "model": args.model, "corpus": args.corpus, "world_size": attrs["world_size"],
+        "distributed_type": attrs["distributed_type"], "precision": attrs["precision"],
+        "trainable_params": trainable, "total_params": total, "config": asdict(config),
+        "tokens": attrs["tokens"], "train_seconds": attrs["train_seconds"],
+        "tokens_per_second": attrs["tokens_per_second"], "peak_memory_mb": attrs["peak_memory_mb"],
+        "memory_at_start_mb": attrs["memory_at_start_mb"], "gradient_checkpointing": config.gradient_checkpointing,
+        "batch_size": args.batch_size, "block_size": args.block_size,
+        "rank_digests": digests, "identical_on_all_ranks": identical,
+        "history": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                    for row in history.to_dict(orient="records")],
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    last = history.dropna(subset=["val_loss"]).iloc[-1]
+    print(f"{args.strategy}: {attrs['world_size']} process(es), {attrs['distributed_type']}, {attrs['precision']}; "
+          f"{config.steps} steps, {attrs['tokens']:,} tokens in {attrs['train_seconds']:.1f} s "
+          f"({attrs['tokens_per_second']:.0f} tokens/s), peak memory {attrs['peak_memory_mb']:,.0f} MB per process")
+    print(f"validation loss {last['val_loss']:.4f} (perplexity {last['val_ppl']:.2f}) at step {int(last['step'])}")
+    if identical is None:
+        print(f"weights sharded over {attrs['world_size']} ranks (FSDP), gathered on rank 0: sha256 {digests[0][:16]}")
+    else:
+        print(f"trained weights identical on all {len(digests)} ranks: {identical} (sha256 {digests[0][:16]})")
+    print(f"wrote {out / 'result.json'} and {out / 'trained.safetensors'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .data import load_corpus, make_dataloader
     from .models import load_model
-    from .strategies import STRATEGIES, apply_strategy, count_parameters
+    from .strategies import STRATEGIES, apply_strategy
 
     if args.strategy not in STRATEGIES:
         print(f"error: unknown strategy {args.strategy!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.",
@@ -160,49 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from accelerate.utils import gather_object
-
-    if is_fsdp(accelerator):
-        # Each rank holds a different shard: gather the full tensors on rank 0 and keep the trainable ones.
-        trainable = {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
-        full = accelerator.get_state_dict(accelerator._models[-1])
-        state = {n: t.detach().cpu().contiguous() for n, t in full.items() if _plain_name(n) in trainable}
-        digests = [_digest(state)] if accelerator.is_main_process else []
-    else:
-        state = trained_state(model)
-        digests = gather_object([_digest(state)])  # one per rank, in rank order
-    identical = None if is_fsdp(accelerator) else len(set(digests)) == 1
+    state, digests = _trained_tensors(model, accelerator)
     if accelerator.is_main_process:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        save_file(state, str(out / "trained.safetensors"))
-        trainable, total = count_parameters(model)
-        attrs = history.attrs
-        result = {
-            "strategy": args.strategy, "model": args.model, "corpus": args.corpus, "world_size": attrs["world_size"],
-            "distributed_type": attrs["distributed_type"], "precision": attrs["precision"],
-            "trainable_params": trainable, "total_params": total, "config": asdict(config),
-            "tokens": attrs["tokens"], "train_seconds": attrs["train_seconds"],
-            "tokens_per_second": attrs["tokens_per_second"], "peak_memory_mb": attrs["peak_memory_mb"],
-            "memory_at_start_mb": attrs["memory_at_start_mb"], "gradient_checkpointing": config.gradient_checkpointing,
-            "batch_size": args.batch_size, "block_size": args.block_size,
-            "rank_digests": digests, "identical_on_all_ranks": identical,
-            "history": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-                        for row in history.to_dict(orient="records")],
-        }
-        (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-        last = history.dropna(subset=["val_loss"]).iloc[-1]
-        print(f"{args.strategy}: {attrs['world_size']} process(es), {attrs['distributed_type']}, {attrs['precision']}; "
-              f"{config.steps} steps, {attrs['tokens']:,} tokens in {attrs['train_seconds']:.1f} s "
-              f"({attrs['tokens_per_second']:.0f} tokens/s), peak memory {attrs['peak_memory_mb']:,.0f} MB per process")
-        print(f"validation loss {last['val_loss']:.4f} (perplexity {last['val_ppl']:.2f}) at step {int(last['step'])}")
-        if identical is None:
-            print(f"weights sharded over {attrs['world_size']} ranks (FSDP), gathered on rank 0: sha256 {digests[0][:16]}")
-        else:
-            print(f"trained weights identical on all {len(digests)} ranks: {identical} (sha256 {digests[0][:16]})")
-        print(f"wrote {out / 'result.json'} and {out / 'trained.safetensors'}")
+        _write_result(args, model, config, history, state, digests)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -50,7 +50,8 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be positive; got {self.lr}.")
         if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"TrainConfig.warmup_steps must lie between 0 and steps ({self.steps}); got {self.warmup_steps}.")
+            raise ValueError(f"TrainConfig.warmup_steps must lie between 0 and steps ({self.steps}); "
+                             f"got {self.warmup_steps}.")
         if self.grad_accum < 1:
             raise ValueError(f"TrainConfig.grad_accum must be at least 1; got {self.grad_accum}.")
         if self.eval_every < 0:
@@ -66,7 +67,7 @@ class TrainConfig:
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Return the multiplier of the base learning rate at optimizer step `step` (1-based): linear warmup, cosine decay."""
+    """Return the base rate's multiplier at optimizer step `step` (1-based): warmup, then cosine (notebook 03)."""
     if config.warmup_steps and step <= config.warmup_steps:
         return step / config.warmup_steps
     # The first step after warmup runs at the full rate and the last at min_lr_ratio x the rate.
@@ -188,10 +189,6 @@ class _PeakMemory:
             self._thread.join()
             self.peak = max(self.peak, self.rss())
 
-    @property
-    def mb(self) -> float:
-        return self.peak / 2**20
-
 
 def _checkpointing(model: nn.Module) -> bool:
     """Return whether gradient checkpointing is on (the attribute was renamed in transformers 5)."""
@@ -259,7 +256,8 @@ def _check_finite(loss: float, step: int, lr: float) -> None:
         )
 
 
-def _backward(model, batches: list, step: int, lr: float, device, autocast, scaler, accelerator) -> tuple[float, int, int]:
+def _backward(model, batches: list, step: int, lr: float, device, autocast, scaler,
+              accelerator) -> tuple[float, int, int]:
     """Return (summed loss, predicted tokens, input tokens) of one step's micro-batches, their gradients accumulated."""
     world, rank = world_and_rank(accelerator)
     if accelerator:
@@ -502,13 +500,15 @@ def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
     missing = sorted(set(state) - set(params))
     if missing:
         raise ValueError(
-            f"{path} holds tensors that {type(model).__name__} lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
+            f"{path} holds tensors that {type(model).__name__} lacks: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. "
             "Load it into the same model (and the same strategy wrapper, e.g. LoRA) it was saved from."
         )
     for name, tensor in state.items():
         target = params[name]
         if target.shape != tensor.shape:
-            raise ValueError(f"Tensor {name} has shape {tuple(tensor.shape)} in {path} but {tuple(target.shape)} in the model.")
+            raise ValueError(f"Tensor {name} has shape {tuple(tensor.shape)} in {path} "
+                             f"but {tuple(target.shape)} in the model.")
         target.copy_(tensor.to(target.device, target.dtype))
     return model
 
