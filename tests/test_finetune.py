@@ -190,11 +190,11 @@ def test_gradient_checkpointing_is_turned_off_again_after_training(engine):
     model = tiny_model("llama")
     config = TrainConfig(steps=2, warmup_steps=0, eval_every=0, gradient_checkpointing=True, progress=False)
     history = train(model, *_loaders(char_tokenizer(bos=False)), config, accelerator=ENGINES[engine]())
-    assert history.attrs["gradient_checkpointing"] and not model.is_gradient_checkpointing
+    assert history.attrs["gradient_checkpointing"] and not model.is_activation_checkpointing
     # A model that had it on before keeps it on.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     train(model, *_loaders(char_tokenizer(bos=False)), config, accelerator=ENGINES[engine]())
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compat import require
 from .engine import is_fsdp, make_accelerator
 from .training import TrainConfig, train, trained_state
 
@@ -127,7 +128,8 @@ def _trained_tensors(model: nn.Module, accelerator) -> tuple[dict[str, torch.Ten
         return state, gather_object([_digest(state)])  # one per rank, in rank order
     # Each rank holds a different shard: gather the full tensors on rank 0 and keep the trainable ones.
     trainable = {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
-    full = accelerator.get_state_dict(accelerator._models[-1])
+    require("accelerate", "~=1.15", "helpers.finetune (it reads Accelerator._models under FSDP)")
+    full = accelerator.get_state_dict(accelerator._models[-1])  # the FSDP-wrapped model that train() prepared
     state = {n: t.detach().cpu().contiguous() for n, t in full.items() if _plain_name(n) in trainable}
     return state, [_digest(state)] if accelerator.is_main_process else []
 

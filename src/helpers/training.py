@@ -191,11 +191,8 @@ class _PeakMemory:
 
 
 def _checkpointing(model: nn.Module) -> bool:
-    """Return whether gradient checkpointing is on (the attribute was renamed in transformers 5)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name) or name in vars(model):
-            return bool(getattr(model, name))
-    return False
+    """Return whether gradient (activation) checkpointing is on; False for a model that cannot do it."""
+    return bool(getattr(model, "is_activation_checkpointing", False))
 
 
 def _batches(data: DataLoader):
@@ -241,10 +238,10 @@ def _enable_checkpointing(model: nn.Module, on: bool) -> bool:
     """Turn gradient checkpointing on if asked; return whether it was on before, so that it can be restored."""
     before = _checkpointing(model)
     if on:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        if not hasattr(model, "activation_checkpointing_enable"):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
                              "set gradient_checkpointing=False.")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return before
 
 
@@ -383,7 +380,7 @@ def train(model: nn.Module, train_data: DataLoader, val_data: DataLoader, config
         bar.close()
         best.restore()
         if config.gradient_checkpointing and not checkpointing_before:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.train(was_training)
     return _history_frame(history, config, precision, stats, memory, best, accelerator)
 
