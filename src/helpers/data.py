@@ -15,13 +15,13 @@ _SUFFIXES = {".txt", ".md"}
 
 
 def default_corpus_path() -> Path:
-    """Return the folder of the bundled Rust-concepts corpus (data/rust_concepts in the repository)."""
+    """Return the folder of the bundled Rust-concepts corpus, data/rust_concepts (read in notebook 01)."""
     return Path(__file__).resolve().parents[2] / "data" / "rust_concepts"
 
 
 @dataclass
 class Corpus:
-    """Documents split by document into train, validation and test; `names` maps each split to file names."""
+    """Documents split by document into train, validation and test; `names` maps splits to files (notebook 01)."""
 
     train: list[str]
     validation: list[str]
@@ -45,9 +45,13 @@ def _read_utf8(path: Path) -> str:
 
 
 def deterministic_split(names: list[str], *, fractions: tuple[float, float] = (0.8, 0.1)) -> dict[str, list[str]]:
-    """Return file names split into train/validation/test by a hash of each name (stable as files are added)."""
+    """Return file names split into train/validation/test by a hash of each name, stable as files are added.
+
+    Used by `load_corpus` (notebook 01) when the corpus has no splits.json.
+    """
     if len(names) < 3:
-        raise ValueError(f"A corpus needs at least 3 documents to split into train/validation/test; found {len(names)}.")
+        raise ValueError("A corpus needs at least 3 documents to split into train/validation/test; "
+                         f"found {len(names)}.")
     ordered = sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
     n_val = max(1, round(len(ordered) * fractions[1]))
     n_test = max(1, len(ordered) - round(len(ordered) * fractions[0]) - n_val)
@@ -60,14 +64,15 @@ def deterministic_split(names: list[str], *, fractions: tuple[float, float] = (0
 
 
 def load_corpus(path: str | Path | None = None) -> Corpus:
-    """Return the corpus at `path` (default: the Rust corpus) split by document, using splits.json when present."""
+    """Return the corpus at `path` (default: the Rust corpus) split by document (first used in notebook 01)."""
     folder = Path(path).expanduser() if path is not None else default_corpus_path()
     if not folder.is_dir():
         raise FileNotFoundError(
             f"Corpus folder {folder} does not exist. Pass path= a folder of .txt/.md files, "
             "or path=None for the bundled Rust corpus (data/rust_concepts in a clone of the repository)."
         )
-    files = sorted(p for p in folder.iterdir() if p.suffix in _SUFFIXES and p.is_file() and p.name.lower() != "readme.md")
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix in _SUFFIXES and p.is_file() and p.name.lower() != "readme.md")
     if not files:
         raise ValueError(f"Corpus folder {folder} holds no .txt or .md files. Add one document per file.")
     texts = {p.name: _read_utf8(p) for p in files}
@@ -91,7 +96,7 @@ def load_corpus(path: str | Path | None = None) -> Corpus:
 
 
 def as_list(texts: str | list[str]) -> list[str]:
-    """Return `texts` as a list of documents, rejecting an empty input."""
+    """Return `texts` as a list of documents, rejecting an empty input (used by `tokenize`)."""
     docs = [texts] if isinstance(texts, str) else list(texts)
     if not docs or not any(d.strip() for d in docs):
         raise ValueError("No text given: pass a non-empty string or list of documents.")
@@ -103,7 +108,7 @@ DOCUMENT_SEPARATOR = "\n\n"
 
 
 def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Return the special-token ids the tokenizer puts in front of every text by default ([BOS], or nothing).
+    """Return the special-token ids the tokenizer puts before every text, [BOS] or nothing (written out in notebook 01).
 
     Llama-2/3, Gemma and Mistral tokenizers add a BOS token; GPT-2, Qwen2 and SmolLM2 add nothing. This is the one
     rule every helper follows, in evaluation and in training alike:
@@ -130,7 +135,7 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: str | list[str]) -> torch.Tensor:
-    """Return one 1-D tensor of the text's token ids, documents joined by a blank line, no special tokens (see special_prefix)."""
+    """Return the 1-D token ids of `texts`, documents joined by a blank line, no special tokens (notebook 01)."""
     docs = as_list(texts)
     # verbose=False: the whole corpus is longer than a model's window on purpose; it is cut into windows later.
     ids = tokenizer(DOCUMENT_SEPARATOR.join(docs), add_special_tokens=False, verbose=False)["input_ids"]
@@ -138,7 +143,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: str | list[str]) -> torc
 
 
 def make_blocks(ids: torch.Tensor, block_size: int, prefix: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
-    """Return a [n_blocks, block_size] tensor: `prefix` then block_size - len(prefix) consecutive text tokens per row (tail dropped)."""
+    """Return [n_blocks, block_size] rows of `prefix` then consecutive text tokens, tail dropped (notebook 02)."""
     n_text = block_size - len(prefix)
     if block_size < 2 or n_text < 1:
         raise ValueError(
@@ -166,7 +171,7 @@ def make_dataloader(
     shuffle: bool = True,
     seed: int = 0,
 ) -> DataLoader:
-    """Return a DataLoader of [batch, block_size] token blocks of `texts` (each led by the special prefix), shuffled reproducibly."""
+    """Return a DataLoader of [batch, block_size] blocks of `texts`, each led by the special prefix (notebook 03)."""
     blocks = make_blocks(tokenize(tokenizer, texts), block_size, special_prefix(tokenizer))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(blocks), batch_size=batch_size, shuffle=shuffle, generator=generator)

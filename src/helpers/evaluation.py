@@ -11,8 +11,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .data import make_blocks, special_prefix, tokenize
 
 
-def windows(n_tokens: int, block_size: int, stride: int | None = None, *, n_prefix: int = 0) -> list[tuple[int, int, int]]:
-    """Return (begin, end, n_context) per window: text tokens begin..end are fed after the prefix, the first n_context as context only.
+def windows(n_tokens: int, block_size: int, stride: int | None = None, *,
+            n_prefix: int = 0) -> list[tuple[int, int, int]]:
+    """Return (begin, end, n_context) per window of text tokens, the first n_context context only (notebook 01).
 
     Each window holds block_size tokens: an `n_prefix`-token special prefix (a BOS, see `special_prefix`), then up to
     block_size - n_prefix text tokens. With the default stride the windows do not overlap; without a prefix the first
@@ -22,7 +23,8 @@ def windows(n_tokens: int, block_size: int, stride: int | None = None, *, n_pref
     """
     span_len = block_size - n_prefix
     if block_size < 2 or span_len < 1:
-        raise ValueError(f"block_size must be at least 2 and longer than the {n_prefix}-token prefix; got {block_size}.")
+        raise ValueError(f"block_size must be at least 2 and longer than the {n_prefix}-token prefix; "
+                         f"got {block_size}.")
     stride = span_len if stride is None else stride
     if not 1 <= stride <= span_len:
         raise ValueError(f"stride must be between 1 and block_size ({span_len} text tokens per window); got {stride}.")
@@ -50,7 +52,7 @@ def token_nll(
     prefix: list[int] | tuple[int, ...] = (),
     progress: bool | None = None,
 ) -> tuple[float, int]:
-    """Return (summed negative log-likelihood in nats, number of predicted tokens) over the 1-D text `ids`.
+    """Return (summed NLL in nats, number of predicted tokens) over the 1-D text `ids`: the one scorer (notebook 01).
 
     Every window is fed as `prefix` + text tokens (see `windows`); the prefix is context and never scored.
     """
@@ -96,7 +98,7 @@ def perplexity(
     batch_size: int = 8,
     progress: bool | None = None,
 ) -> float:
-    """Return exp of the token-weighted mean negative log-likelihood of the text tokens of `texts` under `model`.
+    """Return exp of the token-weighted mean NLL of the text tokens of `texts` (written out in notebook 01).
 
     The text is read as the model was trained to read it (see `helpers.data.special_prefix`): documents joined by a
     blank line, the tokenizer's BOS (if it adds one) in front of every window as unscored context, no chat tokens.
@@ -115,7 +117,7 @@ def window_perplexities(
     block_size: int = 8,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Return the perplexity of every non-overlapping `block_size`-token window of `texts`, one value per window."""
+    """Return the perplexity of every non-overlapping `block_size`-token window of `texts` (notebook 01)."""
     prefix = special_prefix(tokenizer)
     blocks = make_blocks(tokenize(tokenizer, texts), block_size, prefix)
     # The first scored position: the first text token after a prefix, else the window's second token.
@@ -145,7 +147,7 @@ def generate(
     top_p: float = 0.95,
     seed: int = 0,
 ) -> str:
-    """Return the text the model writes after `prompt` (greedy by default, else seeded nucleus sampling)."""
+    """Return the text the model writes after `prompt`, greedy or seeded nucleus sampling (notebook 01)."""
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     torch.manual_seed(seed)

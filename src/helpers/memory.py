@@ -21,7 +21,7 @@ libraries the program loads.
 
 def activation_bytes(config: PretrainedConfig, *, batch: int, seq: int, precision: str = "fp32",
                      checkpointing: bool = False) -> int:
-    """Return an estimate of the activations kept for backward, in bytes.
+    """Return an estimate of the activations kept for backward, in bytes (notebook 00).
 
     Per block, Korthikanti et al. (2022) count about 34*s*b*h + 5*a*s^2*b bytes in 16-bit;
     we scale that by the element size and add the logits and their gradient (2*b*s*V values). With gradient
@@ -49,7 +49,7 @@ def training_memory(
     cuda_context: float = 0.0,
     step_temporaries: int = 0,
 ) -> pd.Series:
-    """Return GiB needed for weights, gradients, the two AdamW states and activations, and their total.
+    """Return GiB for weights, gradients, AdamW states, activations and their total (written out in notebook 00).
 
     `precision` is one of _BYTES: 'fp32'; 'bf16'/'fp16', weights and gradients in 16 bits; 'bf16-autocast', mixed
     precision, which keeps fp32 weights and adds a row for the bf16 copies autocast holds. `checkpointing` stores
