@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = table_rows()
     page = markdown(rows, time.perf_counter() - start)
+    # The hand-written section on where the adaptations live is kept: it sits before the generated table.
+    old = args.out.read_text() if args.out.is_file() else ""
+    kept = old.partition("## Where the adaptations live")[2].partition("| model type |")[0]
+    if kept:
+        head, table, rest = page.partition("| model type |")
+        page = f"{head}## Where the adaptations live{kept}{table}{rest}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)
     built = [r for r in rows if r["result"] != "not built"]

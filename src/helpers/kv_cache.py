@@ -1,7 +1,6 @@
 """The KV cache: what it holds, the report's token-by-token "fix" and its cost, and where a cache belongs."""
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
+from . import families
+from .compat import require
 from .device import synchronize
 from .progress import tqdm
 from .strategies import unwrap
@@ -49,38 +50,20 @@ def _positions(batch: int, begin: int, length: int, device: torch.device) -> tor
 def logits_full_sequence(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Return [batch, seq, vocab] logits from one causal forward over the whole sequence, without a cache."""
+    """Return [batch, seq, vocab] logits from one causal forward over the whole sequence, no cache (notebook 02)."""
     input_ids = _check_inputs(model, input_ids)
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def _forward_parameters(model: PreTrainedModel) -> set[str]:
-    # A peft wrapper forwards keyword arguments to the transformers model inside; read that one's signature.
-    return set(inspect.signature(unwrap(model).forward).parameters)
-
-
-def _cache_argument(model: PreTrainedModel) -> str:
-    """Return the forward argument that carries the model's cache between calls: 'cache', or RWKV's 'state'."""
-    accepted = _forward_parameters(model)
-    for name in ("cache", "past_key_values", "state"):
-        if name in accepted:
-            return name
-    raise ValueError(
-        f"{type(model).__name__} takes no cache argument in forward (no cache, past_key_values or state), so it "
-        "cannot decode token by token: each step would see only its own token. Compute its logits with "
-        "logits_full_sequence instead."
-    )
-
-
 def logits_token_by_token(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """Return [batch, seq, vocab] logits the report's way: a fresh cache, one forward per token at its position."""
+    """Return [batch, seq, vocab] logits the report's way: a fresh cache, one forward per token (notebook 02)."""
     input_ids = _check_inputs(model, input_ids)
     batch, seq = input_ids.shape
-    argument = _cache_argument(model)
-    # Models whose forward takes no position ids (RWKV, Mamba, CPM-Ant) count positions in their cache themselves.
-    positions = "position_ids" in _forward_parameters(model)
-    # The first forward builds the cache the model needs (a DynamicCache, or MiniMax's, or RWKV's state); each later
-    # forward gets back what the one before returned.
+    # A peft wrapper forwards keyword arguments to the transformers model inside; read that one's signature.
+    forward = unwrap(model).forward
+    argument = families.cache_argument(model, forward)  # 'cache' for GPT-2, Qwen2 and Llama
+    positions = families.takes_position_ids(forward)
+    # The first forward builds the cache (a DynamicCache); each later forward gets back what the one before returned.
     cache = None
     steps = []
     for pos in range(seq):
@@ -88,19 +71,7 @@ def logits_token_by_token(model: PreTrainedModel, input_ids: torch.Tensor) -> to
         if positions:
             kwargs["position_ids"] = _positions(batch, pos, 1, input_ids.device)
         out = model(input_ids=input_ids[:, pos : pos + 1], use_cache=True, **kwargs)
-        cache = out.get(argument) if argument != "past_key_values" else out.get("past_key_values", out.get("cache"))
-        if cache is None:
-            raise ValueError(
-                f"{type(model).__name__} returned no cache from forward(use_cache=True), so the next token could not "
-                "attend to this one. Compute its logits with logits_full_sequence instead."
-            )
-        if out.logits.shape[:2] != (batch, 1):
-            # CPM-Ant keeps its prompt in the cache and returns no logits for a second single token.
-            raise ValueError(
-                f"{type(model).__name__} returned logits of shape {list(out.logits.shape)} for one new token at "
-                f"position {pos} (expected [{batch}, 1, vocab]): its cache does not support decoding token by token. "
-                "Compute its logits with logits_full_sequence instead."
-            )
+        cache = families.next_cache(model, out, argument, batch, pos)  # out.cache for GPT-2, Qwen2 and Llama
         steps.append(out.logits)
     return torch.cat(steps, dim=1)
 
@@ -110,33 +81,36 @@ def logits_token_by_token(model: PreTrainedModel, input_ids: torch.Tensor) -> to
 
 @torch.no_grad()
 def fill_cache(model: PreTrainedModel, input_ids: torch.Tensor) -> DynamicCache:
-    """Return a fresh DynamicCache holding the keys and values of `input_ids` (one full-sequence prefill)."""
+    """Return a fresh DynamicCache holding the keys and values of `input_ids`, one prefill (notebook 02)."""
     input_ids = _check_inputs(model, input_ids)
     cache = DynamicCache(config=model.config)
     model(input_ids=input_ids, cache=cache, use_cache=True)
     return cache
 
 
+def _cache_layers(cache: DynamicCache) -> list:
+    """Return the cache's layers, each holding .keys and .values: the layout of transformers 5's DynamicCache."""
+    require("transformers", "~=5.24.0", "helpers.cache_nbytes and helpers.cache_table (they read DynamicCache.layers)")
+    return cache.layers
+
+
 def cache_nbytes(cache: DynamicCache) -> int:
-    """Return the bytes held by every key and value tensor of `cache`."""
-    return sum(t.nelement() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    """Return the bytes held by every key and value tensor of `cache` (notebook 02)."""
+    tensors = [t for layer in _cache_layers(cache) for t in (layer.keys, layer.values) if t is not None]
+    return sum(t.nelement() * t.element_size() for t in tensors)
 
 
 def cache_table(cache: DynamicCache) -> pd.DataFrame:
-    """Return one row per layer of `cache`: the keys' and values' shapes [batch, kv heads, tokens, head dim] and bytes."""
+    """Return one row per layer: keys' and values' shapes [batch, kv heads, tokens, head dim], bytes (notebook 02)."""
     rows = []
-    for i, layer in enumerate(cache.layers):
-        rows.append({
-            "layer": i,
-            "keys": list(layer.keys.shape),
-            "values": list(layer.values.shape),
-            "bytes": layer.keys.nelement() * layer.keys.element_size() + layer.values.nelement() * layer.values.element_size(),
-        })
+    for i, layer in enumerate(_cache_layers(cache)):
+        nbytes = sum(t.nelement() * t.element_size() for t in (layer.keys, layer.values))
+        rows.append({"layer": i, "keys": list(layer.keys.shape), "values": list(layer.values.shape), "bytes": nbytes})
     return pd.DataFrame(rows).set_index("layer")
 
 
 def kv_geometry(config: PretrainedConfig) -> dict[str, int]:
-    """Return the numbers that size a KV cache: layers, key/value heads and head dimension of `config`."""
+    """Return the numbers that size a KV cache: layers, query and key/value heads, head dimension (notebook 02)."""
     config = config.get_text_config(decoder=True)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -145,13 +119,13 @@ def kv_geometry(config: PretrainedConfig) -> dict[str, int]:
 
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Return the cache bytes one token adds: 2 (keys and values) x layers x kv heads x head dim x element size."""
+    """Return the cache bytes a token adds: 2 (keys, values) x layers x kv heads x head dim x bytes (notebook 02)."""
     g = kv_geometry(config)
     return 2 * g["layers"] * g["kv heads"] * g["head dim"] * torch.empty((), dtype=dtype).element_size()
 
 
 def cache_growth(model: PreTrainedModel, lengths: list[int], *, batch: int = 1) -> pd.DataFrame:
-    """Return, per sequence length, the measured cache bytes of a prefill and the formula's bytes."""
+    """Return, per sequence length, the measured cache bytes of a prefill and the formula's bytes (notebook 02)."""
     dtype = next(model.parameters()).dtype
     per_token = kv_bytes_per_token(model.config, dtype)
     generator = torch.Generator().manual_seed(0)
@@ -159,7 +133,8 @@ def cache_growth(model: PreTrainedModel, lengths: list[int], *, batch: int = 1) 
     for n in lengths:
         ids = torch.randint(model.config.get_text_config(decoder=True).vocab_size, (batch, n), generator=generator)
         measured = cache_nbytes(fill_cache(model, ids))
-        rows.append({"tokens": n, "measured bytes": measured, "formula bytes": batch * n * per_token, "MiB": round(measured / 2**20, 2)})
+        rows.append({"tokens": n, "measured bytes": measured, "formula bytes": batch * n * per_token,
+                     "MiB": round(measured / 2**20, 2)})
     return pd.DataFrame(rows).set_index("tokens")
 
 
@@ -167,7 +142,7 @@ def cache_growth(model: PreTrainedModel, lengths: list[int], *, batch: int = 1) 
 
 
 class StatefulLM:
-    """A causal LM that keeps its KV cache between calls, as the candle Qwen2 model of the report does.
+    """A causal LM that keeps its KV cache between calls, as the report's candle Qwen2 model does (notebook 02).
 
     `forward(input_ids, seqlen_offset)` follows candle's contract: the new tokens get positions
     seqlen_offset, seqlen_offset + 1, ...; for more than one token it builds a causal mask of shape
@@ -181,23 +156,24 @@ class StatefulLM:
         self.last_mask_shape: list[int] | None = None
 
     def clear_kv_cache(self) -> None:
-        """Forget every cached key and value."""
+        """Forget every cached key and value (notebook 02)."""
         self.cache = DynamicCache(config=self.model.config)
 
     @property
     def cached_tokens(self) -> int:
-        """Return how many tokens' keys and values the cache holds."""
+        """Return how many tokens' keys and values the cache holds (notebook 02)."""
         return self.cache.get_seq_length()
 
     def forward(self, input_ids: torch.Tensor, seqlen_offset: int) -> torch.Tensor:
-        """Return [batch, new, vocab] logits of the new tokens, attending to whatever the cache holds."""
+        """Return [batch, new, vocab] logits of the new tokens, attending to whatever the cache holds (notebook 02)."""
         input_ids = _check_inputs(self.model, input_ids)
         batch, new = input_ids.shape
         mask = None
         if new > 1:
             dtype = next(self.model.parameters()).dtype
-            blocked = torch.ones(new, seqlen_offset + new, dtype=torch.bool, device=input_ids.device).triu(seqlen_offset + 1)
-            mask = torch.zeros(blocked.shape, dtype=dtype, device=input_ids.device).masked_fill(blocked, torch.finfo(dtype).min)
+            device = input_ids.device
+            blocked = torch.ones(new, seqlen_offset + new, dtype=torch.bool, device=device).triu(seqlen_offset + 1)
+            mask = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
             mask = mask.expand(batch, 1, *blocked.shape)
             self.last_mask_shape = list(mask.shape)
         out = self.model(
@@ -213,7 +189,7 @@ class StatefulLM:
 
 
 def logits_stale_cache(model: PreTrainedModel, input_ids: torch.Tensor, previous_ids: torch.Tensor) -> torch.Tensor:
-    """Return [batch, seq, vocab] logits of `input_ids` computed with the cache of `previous_ids` never cleared.
+    """Return [batch, seq, vocab] logits of `input_ids` with the cache of `previous_ids` never cleared (notebook 02).
 
     The new tokens restart at position 0, as the report's `forward(&token, pos)` does, but attend to the
     previous sequence's keys as well: the same numbers as feeding them one by one to a StatefulLM that
@@ -227,11 +203,12 @@ def logits_stale_cache(model: PreTrainedModel, input_ids: torch.Tensor, previous
         )
     cache = fill_cache(model, previous_ids)
     batch, seq = input_ids.shape
-    return model(input_ids=input_ids, position_ids=_positions(batch, 0, seq, input_ids.device), cache=cache, use_cache=True).logits
+    positions = _positions(batch, 0, seq, input_ids.device)
+    return model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True).logits
 
 
 def logits_frozen_position(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """Return [batch, seq, vocab] logits token by token with a fresh cache but every token at position 0.
+    """Return [batch, seq, vocab] logits token by token, fresh cache, every token at position 0 (notebook 02).
 
     This is the report's loop with `pos` never advanced, computed in one forward (the cache makes the mask
     causal, the position ids are all zero).
@@ -240,13 +217,15 @@ def logits_frozen_position(model: PreTrainedModel, input_ids: torch.Tensor) -> t
     batch, seq = input_ids.shape
     position_ids = torch.zeros(batch, seq, dtype=torch.long, device=input_ids.device)
     # An empty cache, not None: without one, transformers reads all-zero positions as packed one-token sequences.
-    return model(input_ids=input_ids, position_ids=position_ids, cache=DynamicCache(config=model.config), use_cache=True).logits
+    cache = DynamicCache(config=model.config)
+    return model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True).logits
 
 
 def next_token_perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """Return exp of the mean next-token NLL when `logits[:, t]` predicts `input_ids[:, t + 1]`."""
+    """Return exp of the mean next-token NLL when `logits[:, t]` predicts `input_ids[:, t + 1]` (notebook 02)."""
     if logits.shape[:2] != input_ids.shape or input_ids.shape[1] < 2:
-        raise ValueError(f"logits {list(logits.shape)} and input_ids {list(input_ids.shape)} must share [batch, seq >= 2].")
+        raise ValueError(f"logits {list(logits.shape)} and input_ids {list(input_ids.shape)} must share "
+                         "[batch, seq >= 2].")
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device))
     return float(torch.exp(nll))
 
@@ -264,7 +243,7 @@ def _logits(model: PreTrainedModel, input_ids: torch.Tensor, mode: str) -> torch
 
 @contextmanager
 def intra_op_threads(threads: int | None) -> Iterator[int]:
-    """Yield the number of torch intra-op threads in effect: `threads` inside the block (None: unchanged), restored after.
+    """Yield the intra-op threads in effect: `threads` inside the block, restored after (used by the timings of 02).
 
     For timing on a machine that other programs also use: with as many threads as cores, every parallel operation
     waits at its end for the thread that shares a core with another program, so a step slows down by an amount that
@@ -306,7 +285,7 @@ def _timer(clock: str, threads: int | None, device: torch.device) -> Callable[[]
 
 def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode: str, *, repeats: int = 1,
                           budget_s: float | None = None, threads: int | None = None, clock: str = "wall") -> float:
-    """Return the fastest of `repeats` timings (seconds) of one training step's forward + backward in `mode`.
+    """Return the fastest of `repeats` timings (s) of one step's forward + backward in `mode` (used by timing_sweep).
 
     The minimum, not the mean or median: other work on a busy machine only ever adds time, so the fastest run is the
     one closest to what the step itself costs. With `budget_s`, repeating stops once that many wall-clock seconds are
@@ -320,7 +299,8 @@ def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode:
     device = _device(model)
     now = _timer(clock, threads, device)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("The model has no trainable parameters, so there is no backward pass to time; set requires_grad.")
+        raise ValueError("The model has no trainable parameters, so there is no backward pass to time; "
+                         "set requires_grad.")
     input_ids = _check_inputs(model, input_ids)
     was_training = model.training
     model.train()
@@ -357,7 +337,7 @@ def timing_sweep(
     clock: str = "wall",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Return seconds of forward + backward per sequence length for both modes and their ratio (token by token / full).
+    """Return forward + backward seconds per sequence length for both modes, and their ratio (notebook 02).
 
     Each is the fastest of its repeats (`repeats` full passes; up to `token_repeats` loops, within `token_budget_s`
     wall-clock seconds). With `threads`, every timing runs on that many torch intra-op threads, and torch's setting
@@ -386,7 +366,7 @@ def timing_sweep(
 @torch.no_grad()
 def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *, use_cache: bool,
                     clock: str = "wall") -> tuple[torch.Tensor, float]:
-    """Return (prompt + exactly `new_tokens` greedy ids, seconds taken), with or without the KV cache.
+    """Return (prompt + exactly `new_tokens` greedy ids, seconds), with or without cache (used by generation_speed).
 
     `clock` is "wall", or "cpu" for the CPU seconds of the calling thread when torch runs on one thread.
     """
@@ -415,7 +395,7 @@ def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens:
 
 def generation_speed(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int = 200, *,
                      threads: int | None = None, clock: str = "wall") -> dict[str, object]:
-    """Return greedy generation with and without the cache: ids of each, whether identical, tokens/s and speed-up.
+    """Return greedy generation with and without the cache: ids, whether identical, tokens/s, speed-up (notebook 02).
 
     With `threads`, both runs use that many torch intra-op threads (see `intra_op_threads`), restored after;
     `clock` is "wall" or, with threads=1, "cpu" (see `time_forward_backward`).
