@@ -37,14 +37,21 @@ PROMPT = "Ownership in Rust means that"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?", default=None, help="model name, local folder, .gguf file or Hub id (default: the tutorial's)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model name, local folder, .gguf file or Hub id (default: the tutorial's)")
     parser.add_argument("--lengths", default="16,32,64,128,256", help="comma-separated sequence lengths T")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the full-sequence pass per T; the fastest counts")
-    parser.add_argument("--token-repeats", type=int, default=1, help="timed runs of the token-by-token pass per T; the fastest counts")
-    parser.add_argument("--new-tokens", type=int, default=200, help="greedy tokens to generate with and without the cache (0: skip generation)")
-    parser.add_argument("--long-prompt", type=int, default=64, help="tokens of test text for the second generation prompt (0: skip it)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for every timing (default: torch's setting)")
-    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="what every timing counts (cpu needs --threads 1)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of the full-sequence pass per T; the fastest counts")
+    parser.add_argument("--token-repeats", type=int, default=1,
+                        help="timed runs of the token-by-token pass per T; the fastest counts")
+    parser.add_argument("--new-tokens", type=int, default=200,
+                        help="greedy tokens to generate with and without the cache (0: skip generation)")
+    parser.add_argument("--long-prompt", type=int, default=64,
+                        help="tokens of test text for the second generation prompt (0: skip it)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for every timing (default: torch's setting)")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall",
+                        help="what every timing counts (cpu needs --threads 1)")
     args = parser.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
 
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or torch.get_num_threads()
     print(f"{type(model).__name__} {args.model or helpers.default_model_name()}: {n_params / 1e6:.1f} M parameters, "
           f"{next(model.parameters()).dtype}, torch {torch.__version__}, {threads} of {os.cpu_count()} CPU threads, "
-          f"freed memory kept for reuse: {helpers.CPU_MEMORY_KEPT}")
+          f"freed memory kept for reuse: {helpers.device_report()['freed CPU memory kept for reuse']}")
 
     print(f"\nforward + backward of a next-token loss, batch 1, {args.clock}-clock seconds "
           f"(fastest of {args.repeats} full / {args.token_repeats} token-by-token runs)")
@@ -82,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         gen = helpers.generation_speed(model, prompt, args.new_tokens, threads=args.threads, clock=args.clock)
         print(f"  with cache:    {gen['cached tokens/s']:7.1f} tokens per {args.clock}-clock second")
         print(f"  without cache: {gen['uncached tokens/s']:7.1f} tokens per {args.clock}-clock second")
-        print(f"  speed-up: {gen['speed-up']:.1f}x (target >= {GENERATION_TARGET:.0f}x); identical ids: {gen['identical']}")
+        print(f"  speed-up: {gen['speed-up']:.1f}x (target >= {GENERATION_TARGET:.0f}x); "
+              f"identical ids: {gen['identical']}")
         identical &= gen["identical"]
         if not gen["identical"]:
             failed.append(f"cached and uncached generations differ after the {label} prompt")
         if gen["speed-up"] < GENERATION_TARGET:
-            failed.append(f"generation speed-up after the {label} prompt {gen['speed-up']:.1f}x < {GENERATION_TARGET:.0f}x")
+            failed.append(f"generation speed-up after the {label} prompt "
+                          f"{gen['speed-up']:.1f}x < {GENERATION_TARGET:.0f}x")
 
     # Timings depend on the machine and its load, so a missed target is reported, not an error; different
     # generations are a correctness failure.

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/train_throughput.py [--steps 4] [--strategies full_fine_tuning,...]
 Prefix TUTORIAL_MALLOC=system to measure with glibc's default malloc settings instead of the ones
-`import helpers` sets (see helpers.keep_freed_memory); the two runs' seconds per step compare them.
+`helpers.setup()` sets (see helpers.keep_freed_memory); the two runs' seconds per step compare them.
 The ceiling is `helpers.training_matmuls`: the fastest time of the three products a training step does with each
 of the model's linear layers, at the recipe's batch of tokens. It is timed for full fine-tuning only (a frozen
 weight needs no weight gradient), just before and after the steps, and the faster of the two counts. No step can
@@ -35,7 +35,8 @@ def measure(strategy: str, model, tokenizer, corpus, steps: int) -> dict:
     """Return the fastest step's seconds and tokens/s under `strategy`, and the matmul ceiling's."""
     helpers.apply_strategy(model, strategy)
     train_data, val_data = helpers.recipe_data(tokenizer, corpus)
-    config = helpers.recipe_config(strategy, steps=steps + 1, warmup_steps=0, eval_every=0, eval_at_start=False, progress=False)
+    config = helpers.recipe_config(strategy, steps=steps + 1, warmup_steps=0, eval_every=0, eval_at_start=False,
+                                   progress=False)
     # Only full fine-tuning does all three products with every weight: a frozen weight needs no weight gradient.
     full = strategy == "full_fine_tuning"
     before = ceiling_seconds(model) if full else float("nan")
@@ -51,14 +52,15 @@ def measure(strategy: str, model, tokenizer, corpus, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per strategy, after one untimed (default 4)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="timed optimizer steps per strategy, after one untimed (default 4)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated strategy names")
     args = parser.parse_args(argv)
     helpers.setup()
     corpus = helpers.load_corpus()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; recipe batch {helpers.RECIPE['batch_size']} "
           f"x {helpers.RECIPE['block_size']} tokens, fp32, {args.steps} timed steps per strategy; "
-          f"freed CPU memory kept for reuse: {helpers.CPU_MEMORY_KEPT}")
+          f"freed CPU memory kept for reuse: {helpers.device_report()['freed CPU memory kept for reuse']}")
     rows = []
     for strategy in args.strategies.split(","):
         model, tokenizer = helpers.load_model()

@@ -1,4 +1,4 @@
-"""The pipeline notebooks 04-07 share (`start_run` ... `finish`) and the setup every notebook calls, on a tiny model."""
+"""The pipeline of notebooks 04-07 (`prepare_run` ... `finish`) and the setup every notebook calls, on a tiny model."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +21,7 @@ def tiny_corpus(text: str) -> helpers.Corpus:
 
 
 def long_context(family: str):
-    """Return a tiny rotary-position model that accepts the recipe's 256-token windows (rotary positions have no table)."""
+    """Return a tiny rotary-position model that reads the recipe's 256-token windows (rotary: no position table)."""
     model = tiny_model(family)
     model.config.max_position_embeddings = 512
     return model
@@ -43,8 +43,8 @@ def test_setup_seeds_every_generator_the_same_way():
 @pytest.mark.parametrize("strategy", ["full_fine_tuning", "freeze_lower_layers"])
 def test_a_run_trains_evaluates_and_keeps_its_frozen_tensors(tokenizer, text, cache, strategy):
     corpus = tiny_corpus(text)
-    run = helpers.start_run(strategy, model_and_tokenizer=(long_context("llama"), tokenizer), corpus=corpus,
-                            config=quick_config(), show=False)
+    run = helpers.prepare_run(strategy, model_and_tokenizer=(long_context("llama"), tokenizer), corpus=corpus,
+                              config=quick_config(), show=False)
     assert run.history is None and "not trained yet" in run.report()
     frozen = len(run.frozen_before)
     assert (frozen > 0) == (strategy == "freeze_lower_layers")
@@ -59,8 +59,8 @@ def test_a_run_trains_evaluates_and_keeps_its_frozen_tensors(tokenizer, text, ca
 
 
 def test_a_run_cannot_be_finished_twice(tokenizer, text, cache):
-    run = helpers.start_run("adapter_layers", model_and_tokenizer=(long_context("qwen2"), tokenizer),
-                            corpus=tiny_corpus(text), config=quick_config(), show=False, n_top=1)
+    run = helpers.prepare_run("adapter_layers", model_and_tokenizer=(long_context("qwen2"), tokenizer),
+                              corpus=tiny_corpus(text), config=quick_config(), show=False, n_top=1)
     run.finish(save=False, show=False)
     with pytest.raises(ValueError, match="already been trained"):
         run.finish(save=False, show=False)
@@ -69,14 +69,14 @@ def test_a_run_cannot_be_finished_twice(tokenizer, text, cache):
 def test_bad_arguments_are_named(tokenizer, text, cache):
     pair = (tiny_model("llama"), tokenizer)
     with pytest.raises(ValueError, match="Unknown strategy 'freeze_everything'.*full_fine_tuning"):
-        helpers.start_run("freeze_everything", model_and_tokenizer=pair, corpus=tiny_corpus(text), show=False)
+        helpers.prepare_run("freeze_everything", model_and_tokenizer=pair, corpus=tiny_corpus(text), show=False)
     with pytest.raises(ValueError, match="either lr or config"):
-        helpers.start_run("full_fine_tuning", model_and_tokenizer=pair, corpus=tiny_corpus(text), lr=1e-3,
-                          config=quick_config(), show=False)
+        helpers.prepare_run("full_fine_tuning", model_and_tokenizer=pair, corpus=tiny_corpus(text), lr=1e-3,
+                            config=quick_config(), show=False)
 
 
 def test_a_model_with_a_short_context_is_refused_before_anything_runs(tokenizer, text, cache):
     model = tiny_model("gpt2")
     with pytest.raises(ValueError, match=f"at most {model.config.n_positions} positions.*longer context"):
-        helpers.start_run("full_fine_tuning", model_and_tokenizer=(model, tokenizer), corpus=tiny_corpus(text),
-                          config=quick_config(), show=False)
+        helpers.prepare_run("full_fine_tuning", model_and_tokenizer=(model, tokenizer), corpus=tiny_corpus(text),
+                            config=quick_config(), show=False)

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from helpers import apply_strategy, count_parameters, meta_model
+from helpers import STRATEGIES, apply_strategy, count_parameters, meta_model
 from helpers.compare import (
-    ORDER, collect_results, comparison_table, format_table, is_current, learning_rate, main, markdown_table,
-    plot_loss_curves, report_side_by_side, strategies,
+    ORDER, collect_results, comparison_table, format_table, learning_rate, main, markdown_table, matches_recipe,
+    plot_loss_curves, report_side_by_side,
 )
 from helpers.experiment import RECIPE, save_result
 from helpers.widgets import explorer_table, strategy_explorer, training_panel, widgets_available
@@ -36,7 +36,8 @@ def tiny_setup(tmp_path, tokenizer, monkeypatch):
 
 
 def _fake(name, trainable, test_ppl, baseline=20.0, total=1000):
-    history = [{"step": 0, "tokens": 0, "train_loss": None, "val_loss": 3.0}, {"step": 1, "tokens": 512, "train_loss": 2.9, "val_loss": 2.8}]
+    history = [{"step": 0, "tokens": 0, "train_loss": None, "val_loss": 3.0},
+               {"step": 1, "tokens": 512, "train_loss": 2.9, "val_loss": 2.8}]
     return {"strategy": name, "trainable_params": trainable, "total_params": total, "trainable_tensors": 3,
             "baseline_test_ppl": baseline, "val_ppl": test_ppl + 1, "test_ppl": test_ppl, "train_seconds": 2.0,
             "train_tokens": 512, "tokens_per_second": 256.0, "peak_memory_mb": 100.0, "config": {"lr": 1e-4},
@@ -44,13 +45,15 @@ def _fake(name, trainable, test_ppl, baseline=20.0, total=1000):
 
 
 def test_table_has_baseline_row_and_relative_change():
-    table = comparison_table({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0), "lora": _fake("lora", 40, 11.0)})
+    table = comparison_table({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0),
+                              "lora": _fake("lora", 40, 11.0)})
     assert list(table.index) == ["baseline (no training)", "full_fine_tuning", "lora"]
     assert table.loc["lora", "trainable %"] == pytest.approx(4.0)
     assert table.loc["full_fine_tuning", "test / baseline"] == pytest.approx(0.5)
     assert table.loc["lora", "change %"] == pytest.approx(-45.0)
     side = report_side_by_side({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0)})
-    assert list(side.index) == ["full_fine_tuning"] and side.loc["full_fine_tuning", "improvement % (ours)"] == pytest.approx(50.0)
+    assert list(side.index) == ["full_fine_tuning"]
+    assert side.loc["full_fine_tuning", "improvement % (ours)"] == pytest.approx(50.0)
 
 
 def test_table_refuses_results_from_different_baselines():
@@ -60,13 +63,15 @@ def test_table_refuses_results_from_different_baselines():
 
 def test_baselines_from_two_machines_share_one_table():
     # The same baseline computed on two machines differs in the sixth digit (18.221186 vs 18.221347 was seen).
-    table = comparison_table({"a": _fake("a", 1, 10.0, baseline=18.221186), "b": _fake("b", 1, 11.0, baseline=18.221347)})
+    table = comparison_table({"a": _fake("a", 1, 10.0, baseline=18.221186),
+                              "b": _fake("b", 1, 11.0, baseline=18.221347)})
     assert table.loc["baseline (no training)", "test ppl"] == pytest.approx(18.2212665)
     assert table.loc["a", "test / baseline"] == pytest.approx(10.0 / 18.2212665)
 
 
 def test_formatted_tables_are_plain_strings_that_read_the_same_as_text_and_html():
-    table = comparison_table({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0), "lora": _fake("lora", 40, 11.0)})
+    table = comparison_table({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0),
+                              "lora": _fake("lora", 40, 11.0)})
     text = format_table(table)
     assert list(text.index) == list(table.index) and list(text.columns) == list(table.columns)
     assert all(isinstance(v, str) for v in text.to_numpy().ravel())
@@ -83,7 +88,7 @@ def test_formatted_tables_are_plain_strings_that_read_the_same_as_text_and_html(
 
 
 def _runs(n):
-    names = strategies()[:n]
+    names = list(STRATEGIES)[:n]
     return {name: _fake(name, 10 * (i + 1), 10.0 + i) for i, name in enumerate(names)}
 
 
@@ -94,7 +99,8 @@ def test_loss_curves_are_small_multiples_with_the_legend_outside_the_panels():
     assert [ax.get_title() for ax in panels] == [name.replace("_", " ") for name in results]
     assert len(fig.axes) == 6 and not fig.axes[5].get_visible()  # a 2 x 3 grid, the sixth cell left empty
     # Shared axes: one scale to compare the panels by.
-    assert all(ax.get_shared_y_axes().joined(panels[0], ax) and ax.get_shared_x_axes().joined(panels[0], ax) for ax in panels)
+    assert all(ax.get_shared_y_axes().joined(panels[0], ax) and ax.get_shared_x_axes().joined(panels[0], ax)
+               for ax in panels)
     # Each panel: the other runs' validation curves, its own training and validation loss.
     assert all(len(ax.lines) == len(results) + 1 for ax in panels)
     # One legend, the figure's, and none inside a panel where it could cover the curves.
@@ -119,14 +125,15 @@ def _current(name):
     return result
 
 
-def test_every_strategy_trains_at_the_rate_the_sweep_chose_on_the_whole_split():
+def test_every_strategy_trains_at_the_rate_the_committed_sweep_chose_on_the_whole_split():
     from helpers.experiment import recipe_config
-    from helpers.sweep_results import chosen_rate, sweep_spec
+    from helpers.recipe import LEARNING_RATES
+    from helpers.sweep_results import chosen_rate
 
-    grid = set(sweep_spec().lrs)
+    # The rates are data in recipe.py, so that no notebook reads the sweep to train; they must be the sweep's choice.
+    assert LEARNING_RATES == {name: chosen_rate(name, "full") for name in ORDER}
     for name in ORDER:
-        assert learning_rate(name) == chosen_rate(name, "full") and learning_rate(name) in grid
-        assert recipe_config(name).lr == learning_rate(name)
+        assert recipe_config(name).lr == learning_rate(name) == LEARNING_RATES[name]
     assert recipe_config("lora", lr=1e-3).lr == 1e-3
     with pytest.raises(ValueError, match="Unknown strategy 'frozen'"):
         learning_rate("frozen")
@@ -137,12 +144,12 @@ def test_every_strategy_trains_at_the_rate_the_sweep_chose_on_the_whole_split():
 
 
 def test_results_of_another_recipe_or_rate_are_stale(tmp_path):
-    assert is_current(_current("lora"), "lora")
-    assert not is_current(_current("lora"), "full_fine_tuning")  # LoRA trains at its own rate
+    assert matches_recipe(_current("lora"), "lora")
+    assert not matches_recipe(_current("lora"), "full_fine_tuning")  # LoRA trains at its own rate
     old_recipe = _current("adapter_layers")
     old_recipe["recipe"]["steps"] = RECIPE["steps"] // 2
-    assert not is_current(old_recipe, "adapter_layers")
-    assert not is_current(_fake("adapter_layers", 10, 11.0), "adapter_layers")  # no recipe recorded at all
+    assert not matches_recipe(old_recipe, "adapter_layers")
+    assert not matches_recipe(_fake("adapter_layers", 10, 11.0), "adapter_layers")  # no recipe recorded at all
     save_result(old_recipe, tmp_path / "adapter_layers.json")
     save_result(_current("lora"), tmp_path / "lora.json")
     # Without permission to train, stale files are still shown; what is missing stays missing.
@@ -151,14 +158,16 @@ def test_results_of_another_recipe_or_rate_are_stale(tmp_path):
 
 
 def test_markdown_table_shape():
-    md = markdown_table(pd.DataFrame({"n": [1234, 5], "ppl": [1.5, float("nan")]}, index=pd.Index(["a", "b"], name="s")))
+    md = markdown_table(pd.DataFrame({"n": [1234, 5], "ppl": [1.5, float("nan")]},
+                                     index=pd.Index(["a", "b"], name="s")))
     lines = md.strip().splitlines()
     assert lines[0] == "| s | n | ppl |" and lines[1] == "|:---|---:|---:|"
     assert lines[2] == "| a | 1,234 | 1.50 |" and lines[3] == "| b | 5 |  |"
 
 
 def test_markdown_table_keeps_small_learning_rates_readable():
-    md = markdown_table(pd.DataFrame({"lr": [2e-4, 2e-3], "ppl": [10.7361, 11.1326]}, index=pd.Index(["a", "b"], name="s")))
+    md = markdown_table(pd.DataFrame({"lr": [2e-4, 2e-3], "ppl": [10.7361, 11.1326]},
+                                     index=pd.Index(["a", "b"], name="s")))
     assert md.strip().splitlines()[2:] == ["| a | 0.0002 | 10.74 |", "| b | 0.002 | 11.13 |"]
 
 
@@ -180,18 +189,21 @@ def test_command_on_tiny_model_writes_csv_and_markdown(tiny_setup, tmp_path, cap
 
 def test_command_rejects_unknown_strategy(tiny_setup, tmp_path, capsys):
     model_dir, corpus = tiny_setup
-    status = main(["--strategies", "nope", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(tmp_path / "o")])
+    status = main(["--strategies", "nope", "--model", str(model_dir), "--corpus", str(corpus),
+                   "--out", str(tmp_path / "o")])
     assert status == 2
     err = capsys.readouterr().err
     assert "Unknown strategies ['nope']" in err and "lora" in err
 
 
+@pytest.mark.slow
 def test_help_documents_every_option():
-    done = subprocess.run([sys.executable, "-m", "helpers.compare", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "helpers.compare", "--help"], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0
     for option in ("--strategies", "--steps", "--model", "--corpus", "--out", "--no-progress"):
         assert option in done.stdout
-    for name in strategies():
+    for name in STRATEGIES:
         assert name in done.stdout
 
 
@@ -199,13 +211,13 @@ def test_widgets_fall_back_to_static_output_outside_a_frontend():
     assert widgets_available() is False
     config = tiny_config("qwen2")
     table = strategy_explorer(config)
-    assert isinstance(table, pd.DataFrame) and set(strategies()) <= set(table.index)
+    assert isinstance(table, pd.DataFrame) and set(STRATEGIES) <= set(table.index)
     full = count_parameters(meta_model(config))[1]
     assert table.loc["full_fine_tuning", "trainable"] == table.loc["full_fine_tuning", "total"] == full
     assert 0 < table.loc["lora", "trainable"] < full
     assert table.equals(explorer_table(config))
-    figure = training_panel({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0), "lora": _fake("lora", 40, 11.0)},
-                            interactive=False)
+    saved = {"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0), "lora": _fake("lora", 40, 11.0)}
+    figure = training_panel(saved, interactive=False)
     # The static view draws the run the live panel starts on (LoRA): its train and validation loss, legend outside.
     assert isinstance(figure, Figure) and len(figure.axes) == 1 and len(figure.axes[0].lines) == 2
     assert figure.axes[0].get_title().startswith("lora") and figure.axes[0].get_legend() is None and figure.legends

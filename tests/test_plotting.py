@@ -81,6 +81,7 @@ def test_trainable_map_uses_a_log_axis_when_the_trainable_share_would_be_a_slive
     assert ax.get_xscale() == "log" and "log scale" in ax.get_xlabel()
     assert ax.get_xlim()[0] > 0 and ax.get_xlim()[1] > 28.3
     assert [t.get_text() for t in ax.texts] == ["4.4%", "4.4%"]  # each partly trained part states its share
-    upper = helpers.trainable_map(helpers.apply_strategy(helpers.meta_model(tiny_config("llama")), "freeze_lower_layers"))
+    frozen = helpers.apply_strategy(helpers.meta_model(tiny_config("llama")), "freeze_lower_layers")
+    upper = helpers.trainable_map(frozen)
     assert helpers.plot_trainable_map(upper).axes[0].get_xscale() == "linear"  # whole blocks train: bars are wide
     plt.close("all")

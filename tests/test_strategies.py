@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import helpers
-from helpers.strategies import STRATEGIES, StrategyInfo, register_strategy
+from helpers.registry import STRATEGIES, register_strategy
+from helpers.strategies import StrategyInfo
 
 from conftest import VOCAB, tiny_config, tiny_model
 
@@ -87,7 +88,8 @@ def test_counts_equal_hand_count(model, family, strategy):
     total = h["embeddings"] + n * h["block"] + h["norm"] + h["head"]
     trainable_blocks = {"full_fine_tuning": n, "freeze_embeddings": n,
                         "freeze_lower_layers": n - round(n * 2 / 3), "adapter_layers": 2}[strategy]
-    trainable = trainable_blocks * h["block"] + h["norm"] + h["head"] + (h["embeddings"] if strategy == "full_fine_tuning" else 0)
+    embeddings = h["embeddings"] if strategy == "full_fine_tuning" else 0
+    trainable = trainable_blocks * h["block"] + h["norm"] + h["head"] + embeddings
     helpers.apply_strategy(model, strategy)
     assert helpers.count_parameters(model) == (trainable, total)
 
@@ -297,7 +299,8 @@ def test_tensors_outside_the_parts_train_only_with_the_whole_model():
     model.model.mixer = nn.Linear(32, 32)
     extra = {id(p) for p in model.model.mixer.parameters()}
     assert {id(p) for p in helpers.find_layers(model).other} == extra
-    expected = {"full_fine_tuning": True, "freeze_embeddings": True, "freeze_lower_layers": False, "adapter_layers": False}
+    expected = {"full_fine_tuning": True, "freeze_embeddings": True,
+                "freeze_lower_layers": False, "adapter_layers": False}
     for strategy, trains in expected.items():
         helpers.apply_strategy(model, strategy)
         assert all(p.requires_grad == trains for p in model.model.mixer.parameters()), strategy

@@ -11,9 +11,9 @@ from matplotlib.figure import Figure
 from helpers.data import Corpus
 from helpers.sweep import Sweep, SweepSpec
 from helpers.sweep_results import (
-    baseline_test_ppl, chosen_rate, completeness, paired_differences, plot_report_draws, plot_size_curves, plot_val_curves,
-    rank_counts, rate_table, relative_gap, report_draws, rerun, rerun_report_draw, summary_table, sweep_header,
-    sweep_runs, sweep_spec, verdicts,
+    baseline_test_ppl, chosen_rate, completeness, paired_differences, plot_report_draws, plot_size_curves,
+    plot_val_curves, rank_counts, rate_table, relative_gap, report_draws, rerun, rerun_report_draw, summary_table,
+    sweep_header, sweep_runs, sweep_spec, verdicts,
 )
 
 from conftest import char_tokenizer, tiny_model

@@ -1,4 +1,4 @@
-"""Gradual unfreezing on tiny GPT-2, Qwen2 and Llama: what trains when, discriminative rates, training through train()."""
+"""Gradual unfreezing on tiny GPT-2, Qwen2 and Llama: what trains when, discriminative rates, training via train()."""
 import pytest
 import torch
 
@@ -31,7 +31,8 @@ def test_param_groups_are_disjoint_cover_everything_and_fall_by_factor(model):
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()})
     assert [g["lr"] for g in groups] == pytest.approx([1e-3 / 2.0**i for i in range(len(groups))])
-    assert len(groups) == len(find_layers(model).blocks) + (0 if find_layers(model).tied and len(find_layers(model).embeddings) == 1 else 1)
+    layers = find_layers(model)
+    assert len(groups) == len(layers.blocks) + (0 if layers.tied and len(layers.embeddings) == 1 else 1)
 
 
 def test_training_unfreezes_on_schedule_and_lowers_loss(family, tokenizer, text):
@@ -70,7 +71,8 @@ def test_on_step_unfreezes_at_the_next_training_forward():
     assert all(p.requires_grad for p in stages[1][1]) and not any(p.requires_grad for p in stages[2][1])
 
 
-@pytest.mark.parametrize("options, message", [({"every": 0}, "every"), ({"factor": 0.5}, "factor"), ({"k": 2}, "Unknown option")])
+@pytest.mark.parametrize("options, message",
+                         [({"every": 0}, "every"), ({"factor": 0.5}, "factor"), ({"k": 2}, "Unknown option")])
 def test_bad_options_name_the_problem(options, message):
     with pytest.raises(ValueError, match=message):
         apply_strategy(tiny_model("gpt2"), "gradual_unfreezing", **options)

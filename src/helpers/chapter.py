@@ -12,20 +12,22 @@ import torch
 from torch import nn
 
 from .data import Corpus, load_corpus
+from .device import keep_freed_memory
 from .experiment import (
-    baseline_perplexity, complete, evaluate_splits, make_result, recipe_config, recipe_data, save_result,
+    baseline_perplexity, check_context, complete, evaluate_splits, make_result, recipe_config, recipe_data,
+    save_result,
 )
 from .models import load_model, quiet_transformers
 from .plotting import plot_history, plot_trainable_map
 from .recipe import PROMPT, RECIPE
-from .strategies import (
-    STRATEGIES, LayerMap, apply_strategy, count_parameters, count_tensors, find_layers, trainable_map,
-)
+from .registry import STRATEGIES, apply_strategy
+from .strategies import LayerMap, count_parameters, count_tensors, find_layers, trainable_map
 from .training import TrainConfig, changed_tensors, frozen_snapshot, train
 
 
 def setup(seed: int = 0) -> None:
-    """Return None after silencing transformers' chatter and seeding random, numpy and torch with `seed`."""
+    """Seed random, numpy and torch, silence transformers, tune the CPU allocator (first used in notebook 00)."""
+    keep_freed_memory()
     quiet_transformers()
     random.seed(seed)
     np.random.seed(seed)
@@ -34,7 +36,7 @@ def setup(seed: int = 0) -> None:
 
 @dataclass
 class StrategyRun:
-    """One strategy under the shared recipe, as notebook 03 does it by hand: build with `start_run`, then `finish`."""
+    """One strategy under the shared recipe: `prepare_run` builds it, `finish` trains it (first used in notebook 04)."""
 
     strategy: str
     model: nn.Module
@@ -54,26 +56,27 @@ class StrategyRun:
 
     @property
     def layers(self) -> LayerMap:
-        """Return the model's parts, found by structure (`find_layers`)."""
+        """Return the model's parts, found by structure with `find_layers` (notebook 04)."""
         return find_layers(self.model)
 
     @property
     def tokens_per_step(self) -> int:
-        """Return the tokens one optimizer step reads under the recipe."""
+        """Return the tokens one optimizer step reads under the recipe (printed by prepare_run)."""
         return RECIPE["batch_size"] * RECIPE["block_size"] * self.config.grad_accum
 
     @property
     def counts(self) -> dict[str, int]:
-        """Return trainable and total parameters (unique elements) and tensors."""
+        """Return trainable and total parameters (unique elements) and tensors (notebook 04)."""
         trainable, total = count_parameters(self.model)
         trainable_tensors, total_tensors = count_tensors(self.model)
         return {"trainable": trainable, "total": total, "trainable_tensors": trainable_tensors,
                 "total_tensors": total_tensors}
 
     def finish(self, *, save: bool = True, show: bool = True) -> "StrategyRun":
-        """Return this run after training, evaluating, generating, checking frozen tensors and saving the result."""
+        """Return this run trained, evaluated, checked for moved frozen tensors and saved (notebook 04)."""
         if self.history is not None:
-            raise ValueError(f"This {self.strategy} run has already been trained; call helpers.start_run again for a new one.")
+            raise ValueError(f"This {self.strategy} run has already been trained; call helpers.prepare_run again "
+                             "for a new one.")
         train_data, val_data = recipe_data(self.tokenizer, self.corpus)
         self.history = train(self.model, train_data, val_data, self.config)
         if self.history.attrs["interrupted"]:
@@ -99,7 +102,7 @@ class StrategyRun:
         return self
 
     def report(self) -> str:
-        """Return the compact text report of the run: counts, losses, perplexities, cost, generations, file."""
+        """Return the run's text report: counts, losses, perplexities, cost, generations, file (printed by finish)."""
         c = self.counts
         lines = [f"{self.strategy}: {c['trainable']:,} of {c['total']:,} parameters trainable "
                  f"({c['trainable'] / c['total']:.1%}), {c['trainable_tensors']} of {c['total_tensors']} tensors"]
@@ -111,10 +114,11 @@ class StrategyRun:
         checked = h.dropna(subset=["val_loss"])["val_loss"]
         ev = self.evaluation
         lines += [
-            f"trained {len(trained)} steps at lr {self.config.lr:g}: {a['tokens']:,} tokens in {a['train_seconds']:.0f} s "
-            f"({a['tokens_per_second']:.0f} tokens/s), peak memory {a['peak_memory_mb']:,.0f} MB",
-            f"loss: train {trained.iloc[:5].mean():.3f} -> {trained.iloc[-5:].mean():.3f} (mean of first/last 5 steps), "
-            f"validation {checked.iloc[0]:.3f} -> {checked.iloc[-1]:.3f}",
+            f"trained {len(trained)} steps at lr {self.config.lr:g}: {a['tokens']:,} tokens in "
+            f"{a['train_seconds']:.0f} s ({a['tokens_per_second']:.0f} tokens/s), peak memory "
+            f"{a['peak_memory_mb']:,.0f} MB",
+            f"loss: train {trained.iloc[:5].mean():.3f} -> {trained.iloc[-5:].mean():.3f} (mean of first/last 5 "
+            f"steps), validation {checked.iloc[0]:.3f} -> {checked.iloc[-1]:.3f}",
             f"perplexity: validation {ev['val_ppl']:.2f}; test {self.baseline_test_ppl:.2f} -> {ev['test_ppl']:.2f} "
             f"({ev['test_ppl'] / self.baseline_test_ppl:.3f} x the baseline)",
             f"frozen tensors unchanged: {len(self.frozen_before) - len(self.changed)} of {len(self.frozen_before)}",
@@ -130,21 +134,10 @@ class StrategyRun:
         return self.report()
 
 
-def _check_context(model: nn.Module) -> None:
-    """Raise ValueError if `model` cannot read the recipe's blocks and evaluation windows."""
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if context is not None and context < max(RECIPE["block_size"], RECIPE["eval_block_size"]):
-        raise ValueError(
-            f"{type(model).__name__} reads at most {context} positions, but the recipe trains on "
-            f"{RECIPE['block_size']}-token blocks and evaluates {RECIPE['eval_block_size']}-token windows. "
-            "Use a model with a longer context."
-        )
-
-
-def start_run(strategy: str, *, lr: float | None = None, show: bool = True, model_name: str | None = None,
-              model_and_tokenizer: tuple | None = None, corpus: Corpus | None = None,
-              config: TrainConfig | None = None, **options) -> StrategyRun:
-    """Return a StrategyRun: the default model with its baseline measured and `strategy` applied, ready to `finish`.
+def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, model_name: str | None = None,
+                model_and_tokenizer: tuple | None = None, corpus: Corpus | None = None,
+                config: TrainConfig | None = None, **options) -> StrategyRun:
+    """Return a StrategyRun: model loaded, baseline measured, `strategy` applied, ready to `finish` (notebook 04).
 
     `lr` defaults to the strategy's rate in the shared recipe and `config` to the recipe; `options` go to
     `apply_strategy`. `model_and_tokenizer` and `corpus` replace the default model and corpus (tests pass tiny ones).
@@ -155,7 +148,9 @@ def start_run(strategy: str, *, lr: float | None = None, show: bool = True, mode
     if config is not None and lr is not None:
         raise ValueError("Pass either lr or config (whose lr field sets the rate), not both.")
     model, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_model(model_name)
-    _check_context(model)
+    check_context(model, max(RECIPE["block_size"], RECIPE["eval_block_size"]),
+                  f"the recipe trains on {RECIPE['block_size']}-token blocks and evaluates "
+                  f"{RECIPE['eval_block_size']}-token windows")
     corpus = corpus or load_corpus()
     baseline = baseline_perplexity(model, tokenizer, corpus.test)
     before = complete(model, tokenizer)
@@ -172,7 +167,8 @@ def start_run(strategy: str, *, lr: float | None = None, show: bool = True, mode
         print(f"baseline test perplexity {baseline:.2f}; {PROMPT!r} -> {before!r}")
         print(model.strategy_info.summary)
         print(run.report().splitlines()[0])
-        print(f"to train: {config.steps} steps x {run.tokens_per_step:,} tokens at lr {config.lr:g} (the shared recipe)")
+        print(f"to train: {config.steps} steps x {run.tokens_per_step:,} tokens at lr {config.lr:g} "
+              "(the shared recipe)")
         plot_trainable_map(trainable_map(model), title=f"{strategy}: trainable parameters per part")
         plt.show()
     return run

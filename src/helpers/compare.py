@@ -1,4 +1,4 @@
-"""Every strategy under one recipe: the comparison table, its figures, the report's table, and the `helpers-compare` command.
+"""Every strategy under one recipe: the comparison table, its figures, the report's table, `helpers-compare`.
 
 Run `python -m helpers.compare --help` (or `helpers-compare --help`) for the command's options.
 """
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .recipe import RECIPE
+from .recipe import LEARNING_RATES, ORDER, RECIPE
 
 # pandas, matplotlib, torch and transformers load inside the functions that use them, so that the command's --help
 # answers at once.
@@ -21,14 +21,8 @@ if TYPE_CHECKING:
 
     from .data import Corpus
 
-ORDER = ["full_fine_tuning", "freeze_embeddings", "freeze_lower_layers", "adapter_layers", "lora", "gradual_unfreezing"]
-"""The strategies in the order the notebooks introduce them."""
-
-RATE_SIZE = "full"
-"""The sweep's training-set size whose chosen rates the recipe trains with: the whole train split, the recipe's regime."""
-
 REPORT_BASELINE_PPL = 737_879.38
-"""The report's baseline perplexity of Qwen2-0.5B: worse than uniform guessing, the mark of a randomly initialised head."""
+"""The report's baseline perplexity of Qwen2-0.5B: worse than uniform guessing, the mark of a random head."""
 
 REPORT_ROWS = [
     ("freeze_lower_layers", 291, 81_680.74, 88.9),
@@ -36,11 +30,12 @@ REPORT_ROWS = [
     ("full_fine_tuning", 291, 195_018.19, 73.6),
     ("adapter_layers", 0, 588_367.81, 20.3),
 ]
-"""The report's strategy table, as printed: its 'trainable params' are tensor counts, its perplexity is on one 8-token test sequence."""
+"""The report's strategy table, as printed: its 'trainable params' are tensor counts, its perplexity is on one
+8-token test sequence."""
 
 
 def report_table() -> pd.DataFrame:
-    """Return the report's strategy table (REPORT_ROWS) indexed by strategy."""
+    """Return the report's strategy table (REPORT_ROWS) indexed by strategy (used by report_side_by_side)."""
     import pandas as pd
 
     columns = ["strategy", "trainable (report)", "perplexity (report)", "improvement % (report)"]
@@ -48,37 +43,26 @@ def report_table() -> pd.DataFrame:
 
 
 def _registry() -> dict:
-    from .strategies import STRATEGIES  # importing strategies registers lora and gradual_unfreezing too
+    from .registry import STRATEGIES  # torch loads here, not when --help imports this module
 
     return STRATEGIES
 
 
-def strategies() -> list[str]:
-    """Return every registered strategy name, the notebooks' order first."""
-    registry = _registry()
-    return [s for s in ORDER if s in registry] + sorted(set(registry) - set(ORDER))
-
-
 def learning_rate(strategy: str) -> float:
-    """Return the learning rate `strategy` trains with under the shared recipe: the sweep's choice on the whole train split.
-
-    Every strategy's rate comes from the same rule (notebook 09): the lowest validation loss over one grid of rates,
-    seed 0, in `results/sweep`. So no strategy is tuned more than another.
-    """
-    from .sweep_results import chosen_rate
-
-    if strategy not in _registry():
-        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(strategies())}.")
-    return chosen_rate(strategy, RATE_SIZE)
+    """Return the rate `strategy` trains at under the shared recipe, from LEARNING_RATES (first used in notebook 03)."""
+    if strategy not in LEARNING_RATES:
+        raise ValueError(f"Unknown strategy {strategy!r}: the recipe has learning rates for "
+                         f"{', '.join(LEARNING_RATES)} (helpers.recipe.LEARNING_RATES).")
+    return LEARNING_RATES[strategy]
 
 
-def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None, steps: int | None = None,
-                 progress: bool = True, save: bool = False) -> dict:
-    """Return the result record of `strategy` trained with the shared recipe (optionally a different number of steps)."""
+def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None,
+                 steps: int | None = None, progress: bool = True, save: bool = False) -> dict:
+    """Return the result record of `strategy` trained under the shared recipe (collect_results, helpers-compare)."""
     from .experiment import recipe_config, run_experiment
 
     if strategy not in _registry():
-        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(strategies())}.")
+        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(_registry())}.")
     overrides = {"progress": progress}
     if steps is not None:
         overrides["steps"] = steps
@@ -87,22 +71,24 @@ def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus
                           save=save)
 
 
-def is_current(result: dict, name: str) -> bool:
-    """Return whether `result` was trained under today's RECIPE and learning rate of `name` (else it is stale)."""
+def matches_recipe(result: dict, name: str) -> bool:
+    """Return whether `result` was trained under today's RECIPE at the rate of `name` (used by collect_results)."""
     recipe = json.loads(json.dumps(RECIPE))  # the JSON round trip a saved result went through
     config = result.get("config", {})
-    return result.get("recipe") == recipe and config.get("lr") == learning_rate(name) and config.get("steps") == RECIPE["steps"]
+    return (result.get("recipe") == recipe and config.get("lr") == learning_rate(name)
+            and config.get("steps") == RECIPE["steps"])
 
 
-def collect_results(names: list[str] | None = None, *, folder: str | Path | None = None, compute_missing: bool = True) -> dict[str, dict]:
-    """Return {strategy: result} read from results/*.json, running (and saving) the strategies whose file is missing or stale."""
+def collect_results(names: list[str] | None = None, *, folder: str | Path | None = None,
+                    compute_missing: bool = True) -> dict[str, dict]:
+    """Return {strategy: result} from results/*.json, training and saving any missing or stale one (notebook 08)."""
     from .experiment import load_results, save_result
 
-    names = names or strategies()
+    names = names or list(_registry())
     found = load_results(folder)
     results: dict[str, dict] = {}
     for name in names:
-        if name in found and (is_current(found[name], name) or not compute_missing):
+        if name in found and (matches_recipe(found[name], name) or not compute_missing):
             results[name] = found[name]
         elif compute_missing:
             if name in found:
@@ -118,7 +104,7 @@ BASELINE_RTOL = 1e-4
 
 
 def same_baseline(results: dict[str, dict], rtol: float = BASELINE_RTOL) -> float:
-    """Return the baseline test perplexity shared by `results` (their mean), or raise if two differ by more than `rtol`."""
+    """Return the baseline test perplexity `results` share (their mean), or raise if two differ (notebook 08)."""
     values = sorted(float(r["baseline_test_ppl"]) for r in results.values())
     if values[-1] - values[0] > rtol * values[0]:
         raise ValueError(
@@ -130,7 +116,7 @@ def same_baseline(results: dict[str, dict], rtol: float = BASELINE_RTOL) -> floa
 
 
 def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
-    """Return one row per strategy (plus the untrained baseline): trainable parameters, cost and perplexities."""
+    """Return a row per strategy plus the untrained baseline: trainable parameters, cost, perplexities (notebook 08)."""
     import pandas as pd
 
     if not results:
@@ -138,7 +124,8 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
     baseline = same_baseline(results)
     rows = [{
         "strategy": "baseline (no training)", "trainable params": 0, "trainable %": 0.0,
-        "trainable tensors": 0, "lr": float("nan"), "train tokens": 0, "train s": float("nan"), "tokens/s": float("nan"),
+        "trainable tensors": 0, "lr": float("nan"), "train tokens": 0, "train s": float("nan"),
+        "tokens/s": float("nan"),
         "peak memory MB": float("nan"), "val ppl": float("nan"), "test ppl": baseline, "test / baseline": 1.0,
         "change %": 0.0,
     }]
@@ -162,7 +149,7 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
 
 
 def report_side_by_side(results: dict[str, dict]) -> pd.DataFrame:
-    """Return the report's four strategies beside ours: what it called trainable, its perplexity and improvement, and ours."""
+    """Return the report's four strategies beside ours: trainable, perplexity, improvement (notebook 08)."""
     ours = comparison_table(results)
     table = report_table()
     names = [n for n in table.index if n in ours.index]
@@ -183,7 +170,7 @@ clutter (seconds, megabytes); every other float column gets two decimals, every 
 
 
 def format_table(table: pd.DataFrame, *, formats: dict[str, str] | None = None, floatfmt: str = ",.2f") -> pd.DataFrame:
-    """Return a copy of `table` whose values are display strings (COLUMN_FORMATS, then `formats`; NaN left blank)."""
+    """Return a copy of `table` as display strings: COLUMN_FORMATS, then `formats`, NaN blank (notebook 08)."""
     import pandas as pd
 
     formats = {**COLUMN_FORMATS, **(formats or {})}
@@ -203,7 +190,7 @@ def format_table(table: pd.DataFrame, *, formats: dict[str, str] | None = None, 
 
 
 def markdown_table(table: pd.DataFrame, *, floatfmt: str = ",.2f") -> str:
-    """Return `table` as a GitHub Markdown table (index first), numbers right-aligned."""
+    """Return `table` as a GitHub Markdown table, index first, numbers right-aligned (the helpers-compare command)."""
     import pandas as pd
 
     frame = table.reset_index()
@@ -216,7 +203,7 @@ def markdown_table(table: pd.DataFrame, *, floatfmt: str = ",.2f") -> str:
 
 
 def write_table(table: pd.DataFrame, out: str | Path, *, stem: str = "comparison") -> tuple[Path, Path]:
-    """Return the paths of the CSV and Markdown files `table` was written to inside folder `out`."""
+    """Return the paths of the CSV and Markdown files `table` was written to in `out` (the helpers-compare command)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
@@ -233,7 +220,7 @@ def _figure(width: float = 6.5, height: float = 3.8) -> tuple[Figure, object]:
 
 
 def plot_loss_curves(results: dict[str, dict], *, columns: int = 3) -> Figure:
-    """Return small multiples of the training runs: one panel per strategy on shared axes, its train and validation loss."""
+    """Return a panel per strategy on shared axes of its training and validation loss (notebook 08)."""
     import math
 
     import pandas as pd
@@ -277,7 +264,7 @@ def plot_loss_curves(results: dict[str, dict], *, columns: int = 3) -> Figure:
 
 
 def plot_perplexity_bars(table: pd.DataFrame) -> Figure:
-    """Return a bar chart of test perplexity per row of `comparison_table`, the baseline's level drawn across."""
+    """Return a bar chart of test perplexity per row of `comparison_table`, the baseline drawn across (notebook 08)."""
     fig, ax = _figure()
     ppl = table["test ppl"]
     colors = ["#969696" if name.startswith("baseline") else "#2b8cbe" for name in ppl.index]
@@ -293,7 +280,7 @@ def plot_perplexity_bars(table: pd.DataFrame) -> Figure:
 
 
 def plot_params_vs_perplexity(table: pd.DataFrame) -> Figure:
-    """Return a scatter of trainable parameters (log scale) against test perplexity, one labelled point per strategy."""
+    """Return a scatter of trainable parameters (log scale) against test perplexity per strategy (notebook 08)."""
     fig, ax = _figure()
     trained = table[table["trainable params"] > 0]
     ax.scatter(trained["trainable params"], trained["test ppl"], color="#2b8cbe")
@@ -316,16 +303,17 @@ def plot_params_vs_perplexity(table: pd.DataFrame) -> Figure:
 
 
 def run_comparison(names: list[str] | None = None, *, steps: int | None = None, model_name: str | None = None,
-                   corpus: str | Path | None = None, out: str | Path = "comparison", progress: bool = True) -> pd.DataFrame:
-    """Return the comparison table of `names` (default: all strategies), writing CSV, Markdown and per-strategy JSON to `out`."""
+                   corpus: str | Path | None = None, out: str | Path = "comparison",
+                   progress: bool = True) -> pd.DataFrame:
+    """Return the comparison table of `names` (default all), written with each result to `out` (helpers-compare)."""
     from .data import load_corpus
     from .experiment import save_result
     from .progress import tqdm
 
-    names = names or strategies()
+    names = names or list(_registry())
     unknown = [n for n in names if n not in _registry()]
     if unknown:
-        raise ValueError(f"Unknown strategies {unknown}. Valid strategies: {', '.join(strategies())}.")
+        raise ValueError(f"Unknown strategies {unknown}. Valid strategies: {', '.join(_registry())}.")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1; got {steps}.")
     texts = load_corpus(corpus)
@@ -366,13 +354,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="folder of .txt/.md documents, split by document into train/validation/test "
                              "(default: the bundled Rust corpus)")
     parser.add_argument("--out", default="comparison", metavar="DIR",
-                        help="folder for comparison.csv, comparison.md and results/<strategy>.json (default: comparison)")
+                        help="folder for comparison.csv, comparison.md and results/<strategy>.json "
+                             "(default: comparison)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (for logs and scripts)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line `helpers-compare`; return the exit status (0 on success)."""
+    """Run the command line `helpers-compare`; return the exit status (0 on success, 2 for bad input)."""
     args = _parser().parse_args(argv)
     import matplotlib
 

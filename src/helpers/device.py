@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def get_device(prefer: str | torch.device | None = None) -> torch.device:
-    """Return `prefer` if given, else the best available device: CUDA, then MPS, then CPU."""
+    """Return `prefer` if given, else the best available device: CUDA, then MPS, then CPU (notebook 00)."""
     if prefer is not None:
         return torch.device(prefer)
     if torch.cuda.is_available():
@@ -25,7 +25,7 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
 
 
 def available_devices() -> list[torch.device]:
-    """Return every device this machine can run on, CPU last."""
+    """Return every device this machine can run on, CPU last (notebook 00)."""
     devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         devices.append(torch.device("mps"))
@@ -33,7 +33,7 @@ def available_devices() -> list[torch.device]:
 
 
 def device_report() -> dict[str, object]:
-    """Return versions, the chosen device and, per GPU, name, compute capability, memory and bf16 support."""
+    """Return versions, the chosen device and, per GPU, name, compute capability, memory, bf16 (notebook 00)."""
     import transformers
 
     report: dict[str, object] = {
@@ -45,7 +45,7 @@ def device_report() -> dict[str, object]:
         "cuda version (torch build)": torch.version.cuda,
         "mps available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
         "chosen device": str(get_device()),
-        "freed CPU memory kept for reuse": CPU_MEMORY_KEPT,
+        "freed CPU memory kept for reuse": _memory_kept,
     }
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
@@ -57,17 +57,20 @@ def device_report() -> dict[str, object]:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's malloc.h
+_memory_kept = False  # whether keep_freed_memory tuned malloc in this process; device_report shows it
 
 
 def keep_freed_memory(threshold: int = 2**30) -> bool:
-    """Return True if glibc's malloc now keeps freed blocks below `threshold` bytes for reuse, else False.
+    """Return True if glibc's malloc now keeps freed blocks below `threshold` bytes for reuse (called by setup).
 
     PyTorch's CPU tensors come from malloc. By default glibc serves every block above 32 MiB with a fresh mmap
     and hands it back to the system when freed, so each training step faults its logits, activations and
     gradients into memory page by page again (`benchmarks/train_throughput.py` measures what that costs).
     Raising the mmap and trim thresholds keeps that memory in the process for the next step; the price is that
     the process's resident memory stays at its peak. Set TUTORIAL_MALLOC=system to keep glibc's defaults.
+    `helpers.setup()`, every notebook's first call, calls it; importing helpers does not.
     """
+    global _memory_kept
     if os.environ.get("TUTORIAL_MALLOC", "").lower() == "system" or platform.system() != "Linux":
         return False
     try:
@@ -75,11 +78,12 @@ def keep_freed_memory(threshold: int = 2**30) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl, for one): nothing to tune
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+    _memory_kept = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+    return _memory_kept
 
 
 def synchronize(device: torch.device | str) -> None:
-    """Wait for queued kernels on `device`, so wall-clock timings measure finished work."""
+    """Wait for queued kernels on `device`, so wall-clock timings measure finished work (the timings of 00 and 02)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -94,7 +98,7 @@ def matmul_gflops(
     dtype: torch.dtype = torch.float32,
     seconds: float = 1.0,
 ) -> float:
-    """Return the throughput of the fastest of the n x n matrix products run on `device` for `seconds`, in GFLOP/s.
+    """Return the GFLOP/s of the fastest n x n matrix product run on `device` for `seconds` (notebook 00).
 
     The fastest product, not the average: other work on the machine only ever adds time.
     """
@@ -125,7 +129,7 @@ def training_matmuls(
     min_seconds: float = 0.25,
     dtype: torch.dtype = torch.float32,
 ) -> pd.DataFrame:
-    """Return a DataFrame with, per shape of `model`'s nn.Linear layers, the fastest time of one step's products.
+    """Return, per shape of `model`'s nn.Linear layers, the fastest time of one step's products (notebook 00).
 
     A training step multiplies by each weight W three times: the forward X @ W.T, the input gradient dY @ W
     and the weight gradient dY.T @ X, each 2 * tokens * in * out FLOPs. We time the three on random matrices of
@@ -173,6 +177,3 @@ def training_matmuls(
         })
     return pd.DataFrame(rows).set_index("shape (in x out)")
 
-
-CPU_MEMORY_KEPT: bool = keep_freed_memory()
-"""Whether importing helpers tuned glibc's malloc to keep freed memory (see `keep_freed_memory`)."""

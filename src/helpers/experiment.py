@@ -13,39 +13,38 @@ from torch.utils.data import DataLoader
 from .data import Corpus, load_corpus, make_dataloader, special_prefix, tokenize
 from .evaluation import generate, perplexity
 from .models import cache_dir, default_model_name, load_model
-from .recipe import PROMPT, RECIPE
-from .strategies import apply_strategy, count_parameters, count_tensors, trainable_map
+from .recipe import LEARNING_RATES, PROMPT, RECIPE
+from .registry import apply_strategy
+from .strategies import count_parameters, count_tensors, trainable_map
 from .training import TrainConfig, train
 
 
 def results_dir() -> Path:
-    """Return the repository's results/ folder (created if missing)."""
+    """Return the repository's results/ folder, created if missing (first used in notebook 08)."""
     path = Path(__file__).resolve().parents[2] / "results"
     path.mkdir(exist_ok=True)
     return path
 
 
 def recipe_config(strategy: str | None = None, **overrides) -> TrainConfig:
-    """Return the TrainConfig of RECIPE at `strategy`'s learning rate, with `overrides` (any TrainConfig field) applied."""
+    """Return the TrainConfig of RECIPE at `strategy`'s rate, `overrides` applied (first used in notebook 03)."""
     fields = TrainConfig.__dataclass_fields__
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ValueError(f"Unknown TrainConfig field(s) {unknown}. Valid fields: {', '.join(fields)}.")
     if "lr" not in overrides:
-        if strategy is None:
-            raise ValueError("recipe_config needs the strategy whose learning rate to use, e.g. "
-                             "recipe_config('full_fine_tuning') (the rates come from the sweep: "
-                             "helpers.compare.learning_rate), or an explicit lr=...")
-        from .compare import learning_rate
-
-        overrides["lr"] = learning_rate(strategy)
+        if strategy not in LEARNING_RATES:
+            raise ValueError(f"recipe_config needs the strategy whose learning rate to use, one of "
+                             f"{', '.join(LEARNING_RATES)} (helpers.recipe.LEARNING_RATES), or an explicit lr=...; "
+                             f"got {strategy!r}.")
+        overrides["lr"] = LEARNING_RATES[strategy]
     values = {k: v for k, v in RECIPE.items() if k in fields}
     values.update(overrides)
     return TrainConfig(**values)
 
 
 def recipe_data(tokenizer, corpus: Corpus | None = None) -> tuple[DataLoader, DataLoader]:
-    """Return (train, validation) DataLoaders of RECIPE blocks: training shuffled with the recipe seed, validation fixed."""
+    """Return (train, validation) DataLoaders of RECIPE blocks, training shuffled (first used in notebook 03)."""
     corpus = corpus or load_corpus()
     size, batch, seed = RECIPE["block_size"], RECIPE["batch_size"], RECIPE["seed"]
     train_data = make_dataloader(tokenizer, corpus.train, block_size=size, batch_size=batch, shuffle=True, seed=seed)
@@ -53,8 +52,17 @@ def recipe_data(tokenizer, corpus: Corpus | None = None) -> tuple[DataLoader, Da
     return train_data, val_data
 
 
+def check_context(model: nn.Module, longest: int, windows: str) -> None:
+    """Raise ValueError if `model` reads fewer than `longest` positions (used by prepare_run and the sweep runner)."""
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context is not None and context < longest:
+        raise ValueError(f"{type(model).__name__} reads at most {context} positions, but {windows}. "
+                         "Use a model with a longer context.")
+
+
 def _fingerprint(model: nn.Module, tokenizer, texts: list[str]) -> str:
-    """Return a hash of the model's class, config and weights and of the tokens it reads: the key of a cached perplexity."""
+    """Return a hash of the model's class, config and weights and of the tokens it reads: a cached perplexity's key."""
     digest = hashlib.sha256()
     unwrapped = getattr(model, "config", None)
     digest.update(type(model).__name__.encode())
@@ -62,7 +70,7 @@ def _fingerprint(model: nn.Module, tokenizer, texts: list[str]) -> str:
     with torch.no_grad():
         for p in model.parameters():
             digest.update(f"{p.double().sum().item():.12e}".encode())
-    # The token ids, prefix included, rather than the text: a change of tokenizer or of the tokenization rule is a new key.
+    # The token ids, prefix included, rather than the text: a new tokenizer or tokenization rule is a new key.
     digest.update(str(special_prefix(tokenizer)).encode())
     digest.update(tokenize(tokenizer, texts).numpy().tobytes())
     digest.update(str(RECIPE["eval_block_size"]).encode())
@@ -70,7 +78,7 @@ def _fingerprint(model: nn.Module, tokenizer, texts: list[str]) -> str:
 
 
 def baseline_perplexity(model: nn.Module, tokenizer, texts: list[str], *, cache: bool = True) -> float:
-    """Return the perplexity of the untrained `model` on `texts`, cached on disk by model weights + text hash."""
+    """Return the perplexity of the untrained `model` on `texts`, cached on disk (first used in notebook 03)."""
     path = cache_dir() / "perplexity" / f"{_fingerprint(model, tokenizer, texts)}.json"
     if cache and path.is_file():
         return float(json.loads(path.read_text())["perplexity"])
@@ -82,7 +90,7 @@ def baseline_perplexity(model: nn.Module, tokenizer, texts: list[str], *, cache:
 
 
 def evaluate_splits(model: nn.Module, tokenizer, corpus: Corpus) -> dict[str, float]:
-    """Return the full validation and test perplexity of `model` (RECIPE eval window)."""
+    """Return the full validation and test perplexity of `model`, RECIPE's window (first used in notebook 03)."""
     size = RECIPE["eval_block_size"]
     return {
         "val_ppl": perplexity(model, tokenizer, corpus.validation, block_size=size),
@@ -91,13 +99,14 @@ def evaluate_splits(model: nn.Module, tokenizer, corpus: Corpus) -> dict[str, fl
 
 
 def complete(model: nn.Module, tokenizer, prompt: str = PROMPT) -> str:
-    """Return the greedy continuation of `prompt` (RECIPE length): what the notebooks print before and after."""
+    """Return the greedy continuation of `prompt`, RECIPE's max_new_tokens long (first used in notebook 03)."""
     return generate(model, tokenizer, prompt, max_new_tokens=RECIPE["max_new_tokens"])
 
 
 def make_result(model: nn.Module, history, *, strategy: str, baseline_test_ppl: float, evaluation: dict[str, float],
-                generation_before: str, generation_after: str, prompt: str = PROMPT, model_name: str | None = None) -> dict:
-    """Return the result record of one run (the contents of results/<strategy>.json)."""
+                generation_before: str, generation_after: str, prompt: str = PROMPT,
+                model_name: str | None = None) -> dict:
+    """Return the result record of one run, the contents of results/<strategy>.json (first used in notebook 03)."""
     trainable, total = count_parameters(model)
     trainable_tensors, total_tensors = count_tensors(model)
     info = getattr(model, "strategy_info", None)
@@ -127,27 +136,45 @@ def make_result(model: nn.Module, history, *, strategy: str, baseline_test_ppl: 
         "prompt": prompt,
         "generation_before": generation_before,
         "generation_after": generation_after,
-        "history": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-                    for row in history.to_dict(orient="records")],
+        "history": history_records(history),
     }
 
 
+def history_records(history) -> list[dict]:
+    """Return a training history's rows as JSON-ready dicts, NaN as None (used by make_result and finetune)."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in history.to_dict(orient="records")]
+
+
 def save_result(result: dict, path: str | Path | None = None) -> Path:
-    """Return the path the result record was written to (default results/<strategy>.json)."""
+    """Write a result record to `path` (default results/<strategy>.json), return the path (first used in notebook 03).
+
+    A file that differs from the record only in timings (the clock and the allocator, not the numbers) is left
+    alone, so that re-running a notebook leaves the committed results, and git status, as they were.
+    """
     path = Path(path) if path is not None else results_dir() / f"{result['strategy']}.json"
-    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    text = json.dumps(result, indent=1, default=float) + "\n"
+
+    def numbers(record):  # the record without the fields that vary from run to run of the same training
+        if isinstance(record, dict):
+            timings = ("seconds", "train_seconds", "tokens_per_second", "peak_memory_mb")
+            return {k: numbers(v) for k, v in record.items() if k not in timings}
+        return [numbers(v) for v in record] if isinstance(record, list) else record
+
+    if not (path.is_file() and numbers(json.loads(path.read_text())) == numbers(json.loads(text))):
+        path.write_text(text)
     return path
 
 
 def load_results(folder: str | Path | None = None) -> dict[str, dict]:
-    """Return {strategy: result record} for every results/*.json file."""
+    """Return {strategy: result record} for every results/*.json file (first used in notebook 03)."""
     folder = Path(folder) if folder is not None else results_dir()
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
 def run_experiment(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None,
                    config: TrainConfig | None = None, prompt: str = PROMPT, save: bool = True, **options) -> dict:
-    """Return the result record of one strategy under the shared recipe (and write results/<strategy>.json if `save`)."""
+    """Return the result record of one strategy under the shared recipe, saved if `save` (used by run_strategy)."""
     model, tokenizer = load_model(model_name)
     corpus = corpus or load_corpus()
     train_data, val_data = recipe_data(tokenizer, corpus)
@@ -156,7 +183,8 @@ def run_experiment(strategy: str, *, model_name: str | None = None, corpus: Corp
     model = apply_strategy(model, strategy, **options)
     history = train(model, train_data, val_data, config or recipe_config(strategy))
     result = make_result(
-        model, history, strategy=strategy, baseline_test_ppl=baseline, evaluation=evaluate_splits(model, tokenizer, corpus),
+        model, history, strategy=strategy, baseline_test_ppl=baseline,
+        evaluation=evaluate_splits(model, tokenizer, corpus),
         generation_before=before, generation_after=complete(model, tokenizer, prompt), prompt=prompt,
         model_name=model_name,
     )

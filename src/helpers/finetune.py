@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import asdict
@@ -139,6 +138,7 @@ def _write_result(args: argparse.Namespace, model: nn.Module, config: TrainConfi
     """Write DIR/result.json and DIR/trained.safetensors, and print what the run did."""
     from safetensors.torch import save_file
 
+    from .experiment import history_records
     from .strategies import count_parameters
 
     out = Path(args.out)
@@ -156,8 +156,7 @@ def _write_result(args: argparse.Namespace, model: nn.Module, config: TrainConfi
         "memory_at_start_mb": attrs["memory_at_start_mb"], "gradient_checkpointing": config.gradient_checkpointing,
         "batch_size": args.batch_size, "block_size": args.block_size,
         "rank_digests": digests, "identical_on_all_ranks": identical,
-        "history": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-                    for row in history.to_dict(orient="records")],
+        "history": history_records(history),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     last = history.dropna(subset=["val_loss"]).iloc[-1]
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .data import load_corpus, make_dataloader
     from .models import load_model
-    from .strategies import STRATEGIES, apply_strategy
+    from .registry import STRATEGIES, apply_strategy
 
     if args.strategy not in STRATEGIES:
         print(f"error: unknown strategy {args.strategy!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.",
@@ -201,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.lr is None:
-        from .compare import learning_rate
+        from .recipe import LEARNING_RATES
 
-        args.lr = learning_rate(args.strategy)
+        args.lr = LEARNING_RATES[args.strategy]
     model = apply_strategy(model, args.strategy)
     train_data = make_dataloader(tokenizer, corpus.train, block_size=args.block_size, batch_size=args.batch_size,
                                  shuffle=True, seed=args.seed)

@@ -21,7 +21,7 @@ libraries the program loads.
 
 def activation_bytes(config: PretrainedConfig, *, batch: int, seq: int, precision: str = "fp32",
                      checkpointing: bool = False) -> int:
-    """Return an estimate of the activations kept for backward, in bytes (notebook 00).
+    """Return an estimate of the activations kept for backward, in bytes (used by training_memory, notebook 00).
 
     Per block, Korthikanti et al. (2022) count about 34*s*b*h + 5*a*s^2*b bytes in 16-bit;
     we scale that by the element size and add the logits and their gradient (2*b*s*V values). With gradient

@@ -1,4 +1,4 @@
-"""Figures of the notebooks: which parts of a model train, how the losses move while training, what the KV-cache loop costs."""
+"""Figures of the notebooks: which parts of a model train, how losses move in training, what the KV-cache loop costs."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 
 def new_figure(width: float = 6.5, height: float = 3.8) -> Figure:
-    """Return an empty figure that a notebook draws once, as the value it is returned as (or passed to display)."""
+    """Return an empty figure a notebook draws once, when returned or displayed (used by the figures of 01, 08, 09)."""
     # Made through pyplot so that Jupyter's inline backend gets loaded and registers its PNG formatter: a bare
     # Figure() in a kernel where pyplot never drew shows up as "<Figure size ...>" text. Closed at once, so the
     # backend does not draw it a second time at the end of the cell, and redrawn widgets do not pile up figures.
@@ -20,7 +20,7 @@ def new_figure(width: float = 6.5, height: float = 3.8) -> Figure:
 
 
 def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None) -> Figure:
-    """Return a figure with one bar per model part (bottom part at the bottom): all parameters, trainable ones on top."""
+    """Return a figure with one bar per model part, bottom part at the bottom, trainable share on top (notebook 03)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, max(2.5, 0.22 * len(table) + 1)))
     parts = list(table.index)
@@ -51,9 +51,11 @@ def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None
         left = ax.get_xlim()[0] if ax.get_xscale() == "log" else 0
         for i, note in enumerate(table["note"]):
             if note:
-                ax.annotate(note, (left, i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7, color="#555555")
+                ax.annotate(note, (left, i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7,
+                            color="#555555")
     trainable, total = int(table["trainable"].sum()), int(table["parameters"].sum())
-    ax.set_title(title or f"trainable {trainable / 1e6:.2f} M of {total / 1e6:.2f} M parameters ({trainable / total:.1%})")
+    ax.set_title(title or f"trainable {trainable / 1e6:.2f} M of {total / 1e6:.2f} M parameters "
+                          f"({trainable / total:.1%})")
     # Lower right is free beside the blocks, except on a log axis, where the embedding's bar reaches it.
     ax.legend(loc="upper right" if ax.get_xscale() == "log" else "lower right", fontsize=8)
     ax.figure.tight_layout()
@@ -61,7 +63,7 @@ def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None
 
 
 def plot_history(history: pd.DataFrame | dict[str, pd.DataFrame], *, title: str | None = None, ax=None) -> Figure:
-    """Return a figure of training loss (lines) and validation loss (markers) against tokens seen, one colour per run."""
+    """Return a figure of training (lines) and validation loss (markers) against tokens seen (notebook 03)."""
     runs = history if isinstance(history, dict) else {"": history}
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -95,7 +97,7 @@ def _log(p):
 
 
 def plot_timing(table: pd.DataFrame) -> Figure:
-    """Return a figure of forward + backward seconds against T for both modes, and their ratio against T."""
+    """Return a figure of forward + backward seconds against T for both modes, and their ratio (notebook 02)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(table.index, table["full (s)"], "o-", label="full sequence (one forward)")
     left.plot(table.index, table["token by token (s)"], "s-", label="token by token (T forwards)")
@@ -123,7 +125,7 @@ _MAX_WINDOW_TOKENS = 200
 def plot_windows(
     n_tokens: int, block_size: int, strides: Sequence[int | None] = (None,), *, n_prefix: int = 0
 ) -> Figure:
-    """Return a figure, one panel per stride, of perplexity's windows: the tokens each feeds as context and scores."""
+    """Return a panel per stride of perplexity's windows: the tokens each feeds as context and scores (notebook 01)."""
     from .evaluation import windows
 
     strides = list(strides)

@@ -13,7 +13,7 @@ from tqdm.notebook import tqdm_notebook as _notebook_tqdm
 if issubclass(_auto_tqdm, _notebook_tqdm):
 
     class tqdm(_auto_tqdm):  # noqa: N801 - the name every tqdm user expects
-        """A notebook progress bar that leaves its final line as plain text (or nothing) when it closes."""
+        """A notebook progress bar that leaves plain text, or nothing, when it closes (first shown in notebook 03)."""
 
         def __init__(self, *args, **kwargs):
             wanted = kwargs.pop("display", True)

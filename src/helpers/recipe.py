@@ -1,11 +1,11 @@
-"""The shared recipe of notebooks 03-08 and the prompt they complete: plain data, so a command's --help can read it fast."""
+"""The shared recipe of notebooks 03-08, its learning rates and the prompt: plain data, so --help can read it fast."""
 from __future__ import annotations
 
 RECIPE: dict = {
     "block_size": 128,        # tokens per training block
     "batch_size": 4,          # blocks per optimizer step
     "steps": 50,              # optimizer steps: 50 x 4 x 128 = 25,600 training tokens for every strategy
-    # No "lr": each strategy trains at the rate the sweep chose for it on validation (helpers.compare.learning_rate).
+    # No "lr": each strategy trains at its own rate, LEARNING_RATES below.
     "warmup_steps": 3,
     "min_lr_ratio": 0.1,
     "grad_clip": 1.0,
@@ -22,3 +22,21 @@ RECIPE: dict = {
 
 PROMPT = "In Rust, a borrowed reference"
 """The prompt every notebook completes before and after training."""
+
+LEARNING_RATES: dict[str, float] = {
+    "full_fine_tuning": 1e-4,
+    "freeze_embeddings": 1e-4,
+    "freeze_lower_layers": 5e-4,
+    "adapter_layers": 2.5e-3,
+    "lora": 2.5e-3,
+    "gradual_unfreezing": 5e-4,
+}
+"""The rate each strategy trains with under RECIPE, in the order the notebooks introduce them: the rate whose seed-0
+run reached the lowest validation loss on the whole train split in the committed sweep (`results/sweep`, notebook
+09), one rule for all, so no strategy is tuned more than another. tests/test_compare.py checks them against it."""
+
+ORDER: tuple[str, ...] = tuple(LEARNING_RATES)
+"""Every strategy of the tutorial, in the order the notebooks introduce them."""
+
+REPORT_STRATEGIES: tuple[str, ...] = ORDER[:4]
+"""The report's four strategies (full fine-tuning and the three freezing ones), in the same order."""

@@ -1,4 +1,4 @@
-"""Reading the sweep's results (results/sweep): tables, paired seed comparisons, figures, and re-running one run live."""
+"""Reading the sweep's results (results/sweep): tables, paired seed comparisons, figures, re-running one run live."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,9 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .sweep import ORDER, REPORT_STRATEGIES, SweepSpec, default_out, run_path
+from .compare import REPORT_ROWS
+from .recipe import ORDER, REPORT_STRATEGIES
+from .sweep import SweepSpec, default_out, run_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -19,7 +21,7 @@ RUN_COLUMNS = ["size", "train_tokens", "strategy", "lr", "seed", "phase", "final
                "start_val_loss", "best_step", "steps_run", "max_steps", "epochs_run", "stopped_early_at", "test_ppl",
                "trainable_params", "trainable_params_at_stop", "train_seconds", "seconds"]
 
-REPORT_FINDINGS = {"full_fine_tuning": 73.6, "freeze_embeddings": 86.6, "freeze_lower_layers": 88.9, "adapter_layers": 20.3}
+REPORT_FINDINGS = {strategy: improvement for strategy, _, _, improvement in REPORT_ROWS}
 """The report's 'improvement %' per strategy, as printed in its table (helpers.compare.REPORT_ROWS)."""
 
 _COLORS = {"full_fine_tuning": "#1b9e77", "freeze_embeddings": "#d95f02", "freeze_lower_layers": "#7570b3",
@@ -34,19 +36,19 @@ def _folder(folder: str | Path | None) -> Path:
 
 
 def sweep_header(folder: str | Path | None = None) -> dict:
-    """Return sweep.json: the spec, model, corpus, code hash, versions, machine and sessions of a sweep."""
+    """Return sweep.json: the spec, model, corpus, code hash, versions, machine and sessions (notebook 09)."""
     return json.loads((_folder(folder) / "sweep.json").read_text())
 
 
 def sweep_spec(folder: str | Path | None = None) -> SweepSpec:
-    """Return the SweepSpec a sweep was run with."""
+    """Return the SweepSpec a sweep was run with (first used in notebook 03)."""
     data = dict(sweep_header(folder)["spec"])
     data["strategies"], data["lrs"] = tuple(data["strategies"]), tuple(data["lrs"])
     return SweepSpec(**data)
 
 
 def sweep_runs(folder: str | Path | None = None) -> pd.DataFrame:
-    """Return one row per finished run of the grid (RUN_COLUMNS), sizes in the spec's order, strategies in ORDER."""
+    """Return a row per finished run of the grid (RUN_COLUMNS), in the spec's and ORDER's order (notebook 08)."""
     import pandas as pd
 
     path = _folder(folder)
@@ -64,11 +66,12 @@ def sweep_runs(folder: str | Path | None = None) -> pd.DataFrame:
 
 
 def chosen_rate(strategy: str, size: str = "full", folder: str | Path | None = None) -> float:
-    """Return the learning rate the sweep chose for `strategy` at training-set size `size` (lowest seed-0 validation loss)."""
+    """Return the rate the sweep chose for `strategy` at `size`: lowest seed-0 validation loss (notebook 08)."""
     path = _folder(folder)
     spec = sweep_header(path)["spec"]
     if size not in spec["sizes"]:
-        raise ValueError(f"The sweep in {path} has no training-set size {size!r}. Its sizes: {', '.join(spec['sizes'])}.")
+        raise ValueError(f"The sweep in {path} has no training-set size {size!r}. "
+                         f"Its sizes: {', '.join(spec['sizes'])}.")
     if strategy not in spec["strategies"]:
         raise ValueError(f"The sweep in {path} did not run strategy {strategy!r}, so it chose no rate for it. "
                          f"Its strategies: {', '.join(spec['strategies'])}.")
@@ -84,7 +87,7 @@ def chosen_rate(strategy: str, size: str = "full", folder: str | Path | None = N
 
 
 def baseline_test_ppl(folder: str | Path | None = None) -> float:
-    """Return the untrained model's test perplexity, as the sweep's report part measured it."""
+    """Return the untrained model's test perplexity, as the sweep's report part measured it (notebook 03)."""
     draws = sorted((_folder(folder) / "report").glob("draw-*.json"))
     if not draws:
         raise FileNotFoundError("The sweep's report part has not run yet: no report/draw-*.json.")
@@ -92,14 +95,14 @@ def baseline_test_ppl(folder: str | Path | None = None) -> float:
 
 
 def completeness(runs: pd.DataFrame, spec: SweepSpec) -> dict[str, int]:
-    """Return {'cells': planned size x strategy cells, 'complete': cells with all their final seeds}."""
+    """Return {'cells': planned size x strategy cells, 'complete': cells with all final seeds} (notebook 09)."""
     finals = runs[runs["final"]].groupby(["size", "strategy"], observed=True).size()
     complete = int((finals >= spec.seeds).sum())
     return {"cells": len(spec.sizes) * len(spec.strategies), "complete": complete}
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Return one row per (size, strategy): chosen rate, seeds, test perplexity mean / std / min / max, epochs, best step."""
+    """Return per (size, strategy): chosen rate, seeds, test perplexity mean/std/min/max, epochs (notebook 08)."""
     finals = runs[runs["final"]]
     grouped = finals.groupby(["size", "strategy"], observed=True)
     table = grouped.agg(
@@ -112,7 +115,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def rate_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Return the best validation loss of every seed-0 grid run: rows (size, strategy), one column per rate, and the choice."""
+    """Return each seed-0 run's best validation loss: (size, strategy) by rate, and the choice (notebook 08)."""
     grid = runs[runs["seed"] == 0].pivot_table(index=["size", "strategy"], columns="lr", values="best_val_loss",
                                               observed=True)
     grid.columns = [f"val loss @ {lr:g}" for lr in grid.columns]
@@ -121,7 +124,7 @@ def rate_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_differences(runs: pd.DataFrame, size: str, a: str, b: str) -> list[float]:
-    """Return test perplexity of `a` minus that of `b` at `size`, seed by seed (the same subset and order for both)."""
+    """Return test perplexity of `a` minus that of `b` at `size`, seed by seed (notebook 09)."""
     finals = runs[runs["final"] & (runs["size"] == size)]
     pa = finals[finals["strategy"] == a].set_index("seed")["test_ppl"]
     pb = finals[finals["strategy"] == b].set_index("seed")["test_ppl"]
@@ -132,7 +135,7 @@ def paired_differences(runs: pd.DataFrame, size: str, a: str, b: str) -> list[fl
 
 
 def verdicts(runs: pd.DataFrame) -> pd.DataFrame:
-    """Return, per size, the best strategy by mean test perplexity and, for every other, whether it is within noise of it.
+    """Return per size the best strategy by mean test perplexity, and which others are within noise (notebook 09).
 
     "Clearly worse" means worse on every seed, by a mean paired gap above twice the paired gaps' standard deviation;
     otherwise the two are called within noise of each other at this number of seeds.
@@ -156,7 +159,7 @@ def verdicts(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def report_draws(folder: str | Path | None = None) -> pd.DataFrame:
-    """Return the report's protocol redone: one row per (draw, strategy) with 8-token and test-split perplexities and ranks."""
+    """Return the report's protocol redone: per (draw, strategy), 8-token and test perplexities, ranks (notebook 09)."""
     import pandas as pd
 
     rows = []
@@ -178,7 +181,7 @@ def report_draws(folder: str | Path | None = None) -> pd.DataFrame:
 
 
 def rank_counts(draws: pd.DataFrame, column: str = "rank_seq") -> pd.DataFrame:
-    """Return how many draws put each strategy at each rank (1 = best) by `column`."""
+    """Return how many draws put each strategy at each rank (1 = best) by `column` (notebook 09)."""
     counts = draws.pivot_table(index="strategy", columns=column, values="draw", aggfunc="count", fill_value=0,
                                observed=True)
     counts.columns = [f"rank {c}" for c in counts.columns]
@@ -188,7 +191,7 @@ def rank_counts(draws: pd.DataFrame, column: str = "rank_seq") -> pd.DataFrame:
 # --- figures -------------------------------------------------------------------------------------------------------
 
 def plot_size_curves(runs: pd.DataFrame, *, baseline: float | None = None) -> Figure:
-    """Return test perplexity against training tokens (log x): one line per strategy (mean of seeds), a min-max band."""
+    """Return test perplexity against training tokens (log x): a line per strategy, a min-max band (notebook 09)."""
     from .plotting import new_figure
 
     table = summary_table(runs).reset_index()
@@ -216,7 +219,7 @@ def plot_size_curves(runs: pd.DataFrame, *, baseline: float | None = None) -> Fi
 
 
 def plot_val_curves(runs: pd.DataFrame, sizes: list[str]) -> Figure:
-    """Return validation loss against optimizer step for the final runs of `sizes`: one panel a size, a line a seed."""
+    """Return validation loss against optimizer step of the final runs of `sizes`, a panel a size (notebook 09)."""
     from matplotlib.lines import Line2D
 
     from .plotting import new_figure
@@ -244,7 +247,7 @@ def plot_val_curves(runs: pd.DataFrame, sizes: list[str]) -> Figure:
 
 
 def plot_report_draws(draws: pd.DataFrame) -> Figure:
-    """Return each draw's 8-token 'improvement %' per strategy (dots), with the report's single figures marked (x)."""
+    """Return each draw's 8-token 'improvement %' per strategy, the report's own figures marked (notebook 09)."""
     from .plotting import new_figure
 
     fig = new_figure(7.0, 3.8)
@@ -270,7 +273,7 @@ def plot_report_draws(draws: pd.DataFrame) -> Figure:
 
 def rerun(size: str, strategy: str, seed: int, *, folder: str | Path | None = None,
           model_and_tokenizer: tuple | None = None, corpus_data: Corpus | None = None) -> dict:
-    """Return the record of one final run of the committed sweep trained again here (test perplexity included).
+    """Return the record of one final run of the committed sweep, trained again here (notebook 09).
 
     The run uses the committed spec and the rate the sweep chose; it writes only to a temporary folder, never into
     the committed results. `model_and_tokenizer` and `corpus_data` replace the default model and corpus.
@@ -298,7 +301,7 @@ def rerun(size: str, strategy: str, seed: int, *, folder: str | Path | None = No
 
 def rerun_report_draw(draw: int = 0, *, folder: str | Path | None = None, model_and_tokenizer: tuple | None = None,
                       corpus_data: Corpus | None = None) -> dict:
-    """Return draw `draw` of the report's protocol run again here, beside the committed one ('committed' key)."""
+    """Return draw `draw` of the report's protocol run again here, the committed one under 'committed' (notebook 09)."""
     import dataclasses
     import tempfile
 
@@ -314,7 +317,8 @@ def rerun_report_draw(draw: int = 0, *, folder: str | Path | None = None, model_
         # Earlier draws are marked done with the committed files, so only `draw` is trained.
         for earlier in range(draw):
             (Path(tmp) / "report").mkdir(exist_ok=True)
-            (Path(tmp) / "report" / f"draw-{earlier}.json").write_text((path / "report" / f"draw-{earlier}.json").read_text())
+            name = f"draw-{earlier}.json"
+            (Path(tmp) / "report" / name).write_text((path / "report" / name).read_text())
         sweep.run_report()
         record = json.loads((Path(tmp) / "report" / f"draw-{draw}.json").read_text())
     record["committed"] = json.loads(committed.read_text())
@@ -322,5 +326,5 @@ def rerun_report_draw(draw: int = 0, *, folder: str | Path | None = None, model_
 
 
 def relative_gap(a: float, b: float) -> float:
-    """Return |a - b| / |b| (0 when both are 0)."""
+    """Return |a - b| / |b|, 0 when both are 0 (notebook 09)."""
     return 0.0 if a == b else abs(a - b) / abs(b) if b else math.inf

@@ -6,16 +6,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .strategies import StrategyInfo, find_layers, register_strategy
+from .strategies import StrategyInfo, find_layers
 
 UNFREEZING_DEFAULTS: dict = {"every": 5, "factor": 2.6}
-"""Default options: one more block every 5 optimizer steps; each lower block learns 2.6 times slower (ULMFiT's factor)."""
+"""Default options: a block more every 5 optimizer steps; each lower block learns 2.6 times slower (ULMFiT's factor)."""
 
 
 def unfreezing_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-    """Return (label, parameters) top to bottom: head + final norm + top block, each lower block, embeddings, other.
+    """Return the (label, parameters) stages of gradual unfreezing, top to bottom (used by GradualUnfreezing).
 
-    "other" (last, when the model has any) holds the tensors outside embeddings, blocks, final norm and head.
+    Head, final norm and top block first, then each lower block, the embeddings, and "other" (last, when the model
+    has any): the tensors outside embeddings, blocks, final norm and head.
     """
     layers = find_layers(model)
     seen: set[int] = set()
@@ -45,18 +46,18 @@ def unfreezing_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
 
 @dataclass
 class GradualUnfreezing(StrategyInfo):
-    """StrategyInfo of gradual unfreezing: discriminative learning rates, and one more block unfrozen every `every` steps."""
+    """StrategyInfo of gradual unfreezing: discriminative rates, a block more every `every` steps (notebook 08)."""
 
     every: int = UNFREEZING_DEFAULTS["every"]
     factor: float = UNFREEZING_DEFAULTS["factor"]
     steps_done: int = 0
 
     def stages_unfrozen(self, step: int) -> int:
-        """Return how many stages (top first) train in the optimizer step that follows `step` completed steps."""
+        """Return how many stages (top first) train in the step after `step` completed steps (used by unfreeze)."""
         return 1 + step // self.every
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        """Return one optimizer group per stage, top first, at lr, lr/factor, lr/factor**2, ...
+        """Return one optimizer group per stage, top first, at lr, lr/factor, lr/factor**2, ... (used by train).
 
         Every stage is in the optimizer from the start; AdamW skips a tensor whose gradient is None, so frozen
         blocks cost nothing until they are unfrozen.
@@ -67,11 +68,11 @@ class GradualUnfreezing(StrategyInfo):
         ]
 
     def on_step(self, model: nn.Module, step: int) -> None:
-        """Record that `step` optimizer steps are done; the next training forward pass unfreezes the stages now due."""
+        """Record that `step` optimizer steps are done, so the next training forward unfreezes (called by train)."""
         self.steps_done = step
 
     def unfreeze(self, model: nn.Module) -> None:
-        """Set requires_grad on the stages due after `steps_done` steps (never freezes a stage again)."""
+        """Set requires_grad on the stages due after `steps_done` steps, never freezing one (run before a forward)."""
         stages = unfreezing_stages(model)
         for _, params in stages[: self.stages_unfrozen(self.steps_done)]:
             for p in params:
@@ -86,22 +87,24 @@ def _unfreeze_before_forward(module: nn.Module, args) -> None:
         info.unfreeze(module)
 
 
-@register_strategy("gradual_unfreezing")
 def gradual_unfreezing(
     model: nn.Module,
     *,
     every: int = UNFREEZING_DEFAULTS["every"],
     factor: float = UNFREEZING_DEFAULTS["factor"],
 ) -> tuple[nn.Module, StrategyInfo]:
-    """Return (the model with only the head, final norm and top block trainable, its GradualUnfreezing info)."""
+    """Return (the model with only head, final norm and top block trainable, its info) (first used in notebook 08)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every (optimizer steps between unfreezing two blocks) must be a positive int; got {every!r}.")
+        raise ValueError(f"every (optimizer steps between unfreezing two blocks) must be a positive int; "
+                         f"got {every!r}.")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
-        raise ValueError(f"factor (learning-rate ratio between neighbouring blocks) must be a number >= 1; got {factor!r}.")
+        raise ValueError(f"factor (learning-rate ratio between neighbouring blocks) must be a number >= 1; "
+                         f"got {factor!r}.")
     layers = find_layers(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    info = GradualUnfreezing(name="gradual_unfreezing", options={"every": every, "factor": factor}, every=every, factor=factor)
+    info = GradualUnfreezing(name="gradual_unfreezing", options={"every": every, "factor": factor}, every=every,
+                             factor=factor)
     info.unfreeze(model)
     if not getattr(model, "_gradual_unfreezing_hook", False):
         model.register_forward_pre_hook(_unfreeze_before_forward)

@@ -14,14 +14,15 @@ from matplotlib.figure import Figure
 from .data import Corpus, load_corpus
 from .models import load_config, meta_model
 from .plotting import new_figure, plot_trainable_map
-from .strategies import STRATEGIES, apply_strategy, count_parameters, find_layers, trainable_map
+from .registry import STRATEGIES, apply_strategy, strategy_options
+from .strategies import count_parameters, find_layers, trainable_map
 
 WIDGETS_ENV = "TUTORIAL_WIDGETS"
 """Environment variable forcing the widgets on ('live') or off ('static'); unset means detect."""
 
 
 def widgets_available() -> bool:
-    """Return True when live widgets can be shown: ipywidgets imports and a frontend that can answer us is attached."""
+    """Return True when live widgets can be shown: ipywidgets and a frontend that answers (used by the panels, 08)."""
     forced = os.environ.get(WIDGETS_ENV, "").lower()
     if forced in ("static", "live"):
         return forced == "live"
@@ -39,13 +40,8 @@ def widgets_available() -> bool:
     return bool(getattr(kernel, "_allow_stdin", False))
 
 
-def _options(name: str) -> dict[str, inspect.Parameter]:
-    params = list(inspect.signature(STRATEGIES[name]).parameters.values())[1:]
-    return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-
-
 def explore(name: str, config=None, **options) -> tuple[pd.DataFrame, dict]:
-    """Return (trainable map, counts) of strategy `name` with `options` applied to a weightless copy of the model."""
+    """Return (trainable map, counts) of strategy `name` with `options` on a weightless model (notebook 08)."""
     model = apply_strategy(meta_model(config or load_config()), name, **options)
     trainable, total = count_parameters(model)
     return trainable_map(model), {"strategy": name, "trainable": trainable, "total": total,
@@ -53,7 +49,7 @@ def explore(name: str, config=None, **options) -> tuple[pd.DataFrame, dict]:
 
 
 def explorer_table(config=None, names: list[str] | None = None) -> pd.DataFrame:
-    """Return trainable and total parameters of every strategy with its default options (the explorer's static form)."""
+    """Return trainable and total parameters of every strategy at its defaults (the explorer's static form, 08)."""
     rows = []
     for name in names or list(STRATEGIES):
         _, counts = explore(name, config)
@@ -80,7 +76,7 @@ def _control(param: inspect.Parameter, resolved=None, n_blocks: int | None = Non
 
 
 def strategy_explorer(config=None, *, interactive: bool | None = None):
-    """Return a widget to pick a strategy and its options, showing its trainable map and counts (static: a count table)."""
+    """Return a widget to pick a strategy and options, showing its trainable map (static: a table; notebook 08)."""
     config = config or load_config()
     if not (widgets_available() if interactive is None else interactive):
         return explorer_table(config)
@@ -112,7 +108,7 @@ def strategy_explorer(config=None, *, interactive: bool | None = None):
     def rebuild(*_):
         controls.clear()
         resolved = apply_strategy(meta_model(config), choice.value).strategy_info.options
-        for name, param in _options(choice.value).items():
+        for name, param in strategy_options(choice.value).items():
             control = _control(param, resolved.get(name), n_blocks)
             if control is not None:
                 control.observe(refresh, names="value")
@@ -157,27 +153,14 @@ def _loss_figure(history: pd.DataFrame, title: str, total_tokens: int | None = N
 
 def training_panel(results: dict[str, dict] | None = None, *, model_name: str | None = None, corpus=None,
                    interactive: bool | None = None):
-    """Return a widget that trains a strategy for a few steps and redraws its loss as it goes (static: one saved run's curves)."""
+    """Return a widget that trains a strategy a few steps, redrawing its loss (static: a saved run; notebook 08)."""
     if not (widgets_available() if interactive is None else interactive):
-        from .experiment import load_results
-
-        results = results if results is not None else load_results()
-        if not results:
-            raise ValueError("No saved runs to draw: run a strategy notebook (03-07) first, or pass results={strategy: result}.")
-        name = PANEL_STRATEGY if PANEL_STRATEGY in results else next(iter(results))
-        # Read in JupyterLab before the cell is run again, so the title says what the picture is and how to go live.
-        return _loss_figure(pd.DataFrame(results[name]["history"]),
-                            f"{name}: the run saved by its notebook (run this cell in JupyterLab to train live)")
+        return _saved_run_figure(results)
 
     import ipywidgets as w
-    from IPython.display import display
 
-    from .experiment import recipe_config, recipe_data
-    from .compare import learning_rate
-    from .models import load_model
-
-    choice = w.Dropdown(options=list(STRATEGIES), value=PANEL_STRATEGY if PANEL_STRATEGY in STRATEGIES else next(iter(STRATEGIES)),
-                        description="strategy")
+    first = PANEL_STRATEGY if PANEL_STRATEGY in STRATEGIES else next(iter(STRATEGIES))
+    choice = w.Dropdown(options=list(STRATEGIES), value=first, description="strategy")
     steps = w.IntSlider(value=10, min=2, max=50, description="steps")
     button = w.Button(description="Train", button_style="primary", icon="play")
     progress = w.IntProgress(value=0, min=0, max=steps.value, description="progress")
@@ -185,45 +168,8 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
 
     def run(_):
         button.disabled = True
-        total = steps.value
-        progress.value, progress.max = 0, total
-        rows: list[dict] = []
         try:
-            status.value = "loading the model ..."
-            model, tokenizer = load_model(model_name)
-            texts = corpus if isinstance(corpus, Corpus) or corpus is None else load_corpus(corpus)
-            train_data, val_data = recipe_data(tokenizer, texts)
-            model = apply_strategy(model, choice.value)
-            config = recipe_config(steps=total, warmup_steps=min(3, total), eval_every=max(1, total // 5),
-                                   lr=learning_rate(choice.value), progress=False)
-
-            def validates(step: int) -> bool:
-                return step % config.eval_every == 0 or step == total
-
-            def draw(row: dict) -> None:
-                rows.append(row)
-                step = row["step"]
-                progress.value = step
-                # Say what runs next: the last step's validation pass takes a while, and "step 9/10" would sit there.
-                upcoming = "" if step == total else (
-                    f"; running step {step + 1}" + (" and a validation pass" if validates(step + 1) else ""))
-                status.value = f"step {step}/{total}: train loss {row['train_loss']:.3f}{upcoming}"
-                with output:
-                    output.clear_output(wait=True)
-                    display(_loss_figure(pd.DataFrame(rows), f"{choice.value}, live: step {step} of {total}",
-                                         total_tokens=row["tokens"] * total // step))
-
-            from .training import train
-
-            status.value = f"a first validation pass, then step 1/{total} ..."
-            history = train(model, train_data, val_data, config, callback=draw)
-            final = history["val_loss"].dropna().iloc[-1]
-            done_steps = int(history["step"].iloc[-1])
-            with output:  # the whole history, the validation loss before training included
-                output.clear_output(wait=True)
-                display(_loss_figure(history, f"{choice.value}: {done_steps} steps, validation loss {final:.3f}",
-                                     total_tokens=int(history["tokens"].iloc[-1])))
-            status.value = f"done: step {done_steps}/{total}, validation loss {final:.3f}"
+            _train_live(choice.value, steps.value, progress, status, output, model_name=model_name, corpus=corpus)
         except Exception as err:  # show the error in the panel; the notebook keeps running
             status.value = f"error: {err}"
         finally:
@@ -231,3 +177,62 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
 
     button.on_click(run)
     return w.VBox([w.HBox([choice, steps, button]), progress, status, output])
+
+
+def _saved_run_figure(results: dict[str, dict] | None) -> Figure:
+    """Return the training panel's static view: the loss curves of a run its notebook saved."""
+    from .experiment import load_results
+
+    results = results if results is not None else load_results()
+    if not results:
+        raise ValueError("No saved runs to draw: run a strategy notebook (03-07) first, or pass "
+                         "results={strategy: result}.")
+    name = PANEL_STRATEGY if PANEL_STRATEGY in results else next(iter(results))
+    # Read in JupyterLab before the cell is run again, so the title says what the picture is and how to go live.
+    return _loss_figure(pd.DataFrame(results[name]["history"]),
+                        f"{name}: the run saved by its notebook (run this cell in JupyterLab to train live)")
+
+
+def _train_live(strategy: str, total: int, progress, status, output, *, model_name: str | None, corpus) -> None:
+    """Train `strategy` for `total` steps, redrawing the loss in `output` and counting in `progress` and `status`."""
+    from IPython.display import display
+
+    from .experiment import recipe_config, recipe_data
+    from .models import load_model
+    from .training import train
+
+    progress.value, progress.max = 0, total
+    rows: list[dict] = []
+    status.value = "loading the model ..."
+    model, tokenizer = load_model(model_name)
+    texts = corpus if isinstance(corpus, Corpus) or corpus is None else load_corpus(corpus)
+    train_data, val_data = recipe_data(tokenizer, texts)
+    model = apply_strategy(model, strategy)
+    config = recipe_config(strategy, steps=total, warmup_steps=min(3, total), eval_every=max(1, total // 5),
+                           progress=False)
+
+    def validates(step: int) -> bool:
+        return step % config.eval_every == 0 or step == total
+
+    def draw(row: dict) -> None:
+        rows.append(row)
+        step = row["step"]
+        progress.value = step
+        # Say what runs next: the last step's validation pass takes a while, and "step 9/10" would sit there.
+        upcoming = "" if step == total else (
+            f"; running step {step + 1}" + (" and a validation pass" if validates(step + 1) else ""))
+        status.value = f"step {step}/{total}: train loss {row['train_loss']:.3f}{upcoming}"
+        with output:
+            output.clear_output(wait=True)
+            display(_loss_figure(pd.DataFrame(rows), f"{strategy}, live: step {step} of {total}",
+                                 total_tokens=row["tokens"] * total // step))
+
+    status.value = f"a first validation pass, then step 1/{total} ..."
+    history = train(model, train_data, val_data, config, callback=draw)
+    final = history["val_loss"].dropna().iloc[-1]
+    done_steps = int(history["step"].iloc[-1])
+    with output:  # the whole history, the validation loss before training included
+        output.clear_output(wait=True)
+        display(_loss_figure(history, f"{strategy}: {done_steps} steps, validation loss {final:.3f}",
+                             total_tokens=int(history["tokens"].iloc[-1])))
+    status.value = f"done: step {done_steps}/{total}, validation loss {final:.3f}"
