@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 import helpers
 from helpers.data import Corpus
 from helpers.sweep import (
-    REPORT_STRATEGIES, Sweep, SweepSpec, choose_lr, code_hash, main, plan_steps, run_path, subset, training_blocks,
+    REPORT_STRATEGIES, Sweep, SweepSpec, choose_lr, code_hash, commit_results, main, plan_steps, run_path, subset,
 )
 
 from conftest import char_tokenizer, tiny_config, tiny_model
@@ -87,9 +87,8 @@ def test_each_cell_has_the_grid_and_the_seeds_at_the_rate_with_the_lowest_valida
         for strategy in SPEC.strategies:
             folder = finished / "runs" / size / strategy
             grid = {lr: json.loads(run_path(finished, size, strategy, lr, 0).read_text()) for lr in SPEC.lrs}
-            lowest = min(grid[lr]["best_val_loss"] for lr in SPEC.lrs)
-            chosen = min(lr for lr in SPEC.lrs if grid[lr]["best_val_loss"] == lowest)
-            assert choose_lr(grid) == chosen
+            chosen = choose_lr(grid)
+            assert all(grid[chosen]["best_val_loss"] <= grid[lr]["best_val_loss"] for lr in SPEC.lrs)
             expected = {run_path(finished, size, strategy, lr, 0) for lr in SPEC.lrs}
             expected |= {run_path(finished, size, strategy, chosen, s) for s in range(1, SPEC.seeds)}
             assert set(folder.glob("*.json")) == expected
@@ -145,7 +144,8 @@ def test_sweep_json_records_spec_model_corpus_code_and_machine(finished):
     assert header["spec"] == SPEC.as_json() and header["spec"]["sizes"] == {"8": 8, "64": 64}
     assert header["model"] == "Qwen2ForCausalLM"
     corpus = header["corpus"]
-    assert {k: corpus["train"][k] for k in ("documents", "tokens")} == {"documents": 2, "tokens": len("\n\n".join(CORPUS.train))}
+    train_tokens = len("\n\n".join(CORPUS.train))
+    assert {k: corpus["train"][k] for k in ("documents", "tokens")} == {"documents": 2, "tokens": train_tokens}
     assert {k: corpus["test"][k] for k in ("documents", "tokens")} == {"documents": 1, "tokens": len(RUST)}
     assert corpus["validation"]["documents"] == 1
     assert len({corpus[split]["sha256"] for split in ("train", "validation", "test")}) == 3
@@ -156,6 +156,11 @@ def test_sweep_json_records_spec_model_corpus_code_and_machine(finished):
     assert len(header["sessions"]) == 1 and header["sessions"][0]["runs"] == TOTAL_RUNS
 
 
+def test_a_tie_on_validation_chooses_the_lower_rate():
+    grid = {5e-4: {"best_val_loss": 2.0}, 1e-4: {"best_val_loss": 2.0}, 2.5e-3: {"best_val_loss": 3.0}}
+    assert choose_lr(grid) == 1e-4
+
+
 # --- 2. resuming ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stops", [(2,), (3,), (2, 1, 6)], ids=["mid-grid", "after-grid", "three-sessions"])
@@ -163,16 +168,33 @@ def test_a_killed_sweep_resumes_to_the_same_files(finished, tmp_path, stops):
     out = tmp_path / "out"
     done = 0
     for k in stops:
-        assert new_sweep(out).run_grid(stop_after=k) == k
+        with pytest.raises(KeyboardInterrupt):
+            new_sweep(out).run_grid(stop_after=k)
         done += k
         assert len(result_files(out, "runs")) == done
         if done <= len(SPEC.lrs):
             # Stopped inside or right after the first cell's grid: its test perplexity is not measured yet.
             assert not any("test_ppl" in r for r in result_files(out, "runs").values())
-    assert new_sweep(out).run_grid() == TOTAL_RUNS - done
+    unfinished = [(size, s) for size in SPEC.sizes for s in SPEC.strategies
+                  if len(list((out / "runs" / size / s).glob("*.json"))) < RUNS_PER_CELL]
+    saved = []
+    assert new_sweep(out).run_grid(on_saved=saved.append) == TOTAL_RUNS - done
     assert_same_numbers(result_files(finished, "runs"), result_files(out, "runs"))
+    # The hook behind --commit hears of each cell this session finished, once, in order.
+    assert [m.split(" done")[0] for m in saved] == [f"sweep: {size} x {s}" for size, s in unfinished]
     sessions = json.loads((out / "sweep.json").read_text())["sessions"]
     assert [s["runs"] for s in sessions] == [*stops, TOTAL_RUNS - done]
+
+
+def test_a_resumed_run_that_does_not_reproduce_its_record_is_refused(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):  # killed once the first cell's rates are tried, before its choice is final
+        new_sweep(out).run_grid(stop_after=len(SPEC.lrs))
+    for path in (out / "runs").rglob("*.json"):  # as if recorded on another machine, 1% away
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps(record | {"best_val_loss": record["best_val_loss"] * 1.01}))
+    with pytest.raises(RuntimeError, match="not reproducible on this machine"):
+        new_sweep(out).run_grid()
 
 
 def test_a_finished_sweep_trains_nothing_again(finished, tmp_path):
@@ -198,14 +220,15 @@ def test_report_draws_hold_the_four_strategies_and_their_improvement(finished):
     total = helpers.count_parameters(base)[1]
     for d in range(SPEC.report_draws):
         r = files[f"report/draw-{d}.json"]
-        assert r["draw"] == d and list(r["runs"]) == REPORT_STRATEGIES
+        assert r["draw"] == d and tuple(r["runs"]) == REPORT_STRATEGIES
         # The character tokenizer makes offsets character positions.
         assert r["train_text"] == train_text[r["train_offset"]: r["train_offset"] + SPEC.report_tokens]
         assert r["test_text"] == RUST[r["test_offset"]: r["test_offset"] + SPEC.report_tokens]
         assert r["baseline_seq_ppl"] == pytest.approx(helpers.perplexity(base, TOKENIZER, r["test_text"]), rel=1e-5)
-        assert r["baseline_test_ppl"] == pytest.approx(helpers.perplexity(base, TOKENIZER, CORPUS.test, block_size=SPEC.eval_block_size), rel=1e-5)
+        whole_test = helpers.perplexity(base, TOKENIZER, CORPUS.test, block_size=SPEC.eval_block_size)
+        assert r["baseline_test_ppl"] == pytest.approx(whole_test, rel=1e-5)
         for strategy, run in r["runs"].items():
-            assert run["improvement_pct"] == pytest.approx(100 * (1 - run["seq_ppl"] / r["baseline_seq_ppl"]), rel=1e-9)
+            assert (run["improvement_pct"] > 0) == (run["seq_ppl"] < r["baseline_seq_ppl"])
             assert math.isfinite(run["test_ppl"]) and run["test_ppl"] > 1
             assert run["seq_ppl"] != r["baseline_seq_ppl"]  # it trained
             assert run["train_loss_last"] < run["train_loss_first"]
@@ -218,9 +241,12 @@ def test_report_draws_hold_the_four_strategies_and_their_improvement(finished):
 
 def test_report_resumes_to_the_same_draws(finished, tmp_path):
     out = tmp_path / "out"
-    assert new_sweep(out).run_report(stop_after=1) == 1
+    with pytest.raises(KeyboardInterrupt):
+        new_sweep(out).run_report(stop_after=1)
     assert sorted(result_files(out, "report")) == ["report/draw-0.json"]
-    assert new_sweep(out).run_report() == SPEC.report_draws - 1
+    saved = []
+    assert new_sweep(out).run_report(on_saved=saved.append) == SPEC.report_draws - 1
+    assert saved == [f"sweep: the report's protocol, {SPEC.report_draws - 1} more draw(s)"]
     assert_same_numbers(result_files(finished, "report"), result_files(out, "report"))
     assert not (out / "runs").exists()
 
@@ -272,11 +298,13 @@ def test_bad_sizes_on_the_command_line_exit_2(tmp_path, capsys):
     assert err.startswith("helpers.sweep: error: --sizes takes LABEL=TOKENS") and "'bad'" in err
 
 
+@pytest.mark.slow
 def test_help_names_the_parts():
     done = subprocess.run([sys.executable, "-m", "helpers.sweep", "--help"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert done.returncode == 0
-    for option in ("--part", "--sizes", "--strategies", "--lrs", "--seeds", "--val-blocks", "--out", "--no-progress"):
+    for option in ("--part", "--sizes", "--strategies", "--lrs", "--seeds", "--val-blocks", "--out", "--commit",
+                   "--no-progress"):
         assert option in done.stdout
 
 
@@ -295,14 +323,16 @@ def test_subset_offset_depends_on_the_seed_only():
     assert subset(ids, 1000, 3)[1] == 0
 
 
-def test_training_blocks_start_with_the_prefix():
-    span = torch.arange(10, 18)
-    blocks = training_blocks(span, 128, [1])
-    assert blocks.shape == (1, 9) and blocks[0, 0] == 1 and torch.equal(blocks[0, 1:], span)
-    assert torch.equal(training_blocks(span, 128, []), span[None])
-    # A longer subset is cut into blocks of block_size text tokens, the tail dropped.
-    long = training_blocks(torch.arange(70), 32, [1])
-    assert long.shape == (2, 33) and (long[:, 0] == 1).all() and torch.equal(long[1, 1:], torch.arange(32, 64))
+def test_training_blocks_are_the_prefix_and_the_subset(tmp_path):
+    sweep = Sweep(tmp_path, SPEC, model_and_tokenizer=(tiny_model("llama"), char_tokenizer(bos=True)),
+                  corpus_data=CORPUS, progress=False)
+    (bos,) = sweep.prefix
+    small, offset = sweep.data("8", 0)  # shorter than block_size: one block of its own length
+    assert small.shape == (1, 9) and small[0, 0] == bos
+    assert torch.equal(small[0, 1:], sweep.train_ids[offset: offset + 8])
+    big, offset = sweep.data("64", 1)  # block_size (32) text tokens a block
+    assert big.shape == (2, 33) and (big[:, 0] == bos).all()
+    assert torch.equal(big[:, 1:].flatten(), sweep.train_ids[offset: offset + 64])
 
 
 def test_plan_caps_tiny_subsets_by_epochs_and_big_ones_by_tokens():
@@ -321,6 +351,17 @@ def test_plan_caps_tiny_subsets_by_epochs_and_big_ones_by_tokens():
 
 # --- 6. the command line ----------------------------------------------------------------------------------------------
 
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def git_identity(monkeypatch):
+    """A committer name and address for `git commit` in a fresh repository."""
+    for key in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{key}_NAME", "test")
+        monkeypatch.setenv(f"GIT_{key}_EMAIL", "test@example.com")
+
 @pytest.fixture
 def tiny_setup(tmp_path, monkeypatch):
     """A tiny Llama saved with a BOS-adding character tokenizer, and a corpus folder of five Rust-like documents."""
@@ -337,13 +378,17 @@ def tiny_setup(tmp_path, monkeypatch):
     return model_dir, corpus
 
 
-def test_command_runs_the_grid_on_a_tiny_model(tiny_setup, tmp_path, capsys):
+def test_command_runs_the_grid_on_a_tiny_model_and_commits_each_cell(tiny_setup, tmp_path, capsys, git_identity):
     model_dir, corpus = tiny_setup
     out = tmp_path / "out"
+    git(tmp_path, "init", "-q")
     status = main(["--part", "grid", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(out),
                    "--sizes", "8=8", "32=32", "--strategies", "full_fine_tuning", "lora", "--seeds", "2",
-                   "--val-blocks", "1", "--no-progress"])
+                   "--val-blocks", "1", "--no-progress", "--commit"])
     assert status == 0, capsys.readouterr().err
+    cells = [f"sweep: {size} x {s} done" for size in ("8", "32") for s in ("full_fine_tuning", "lora")]
+    assert [m.split(" (")[0] for m in reversed(git(tmp_path, "log", "--format=%s").splitlines())] == cells
+    assert not git(tmp_path, "status", "--porcelain", "--", "out")  # everything the sweep wrote is committed
     assert "Sweep finished" in capsys.readouterr().out
     header = json.loads((out / "sweep.json").read_text())
     assert header["model"] == str(model_dir)
@@ -367,7 +412,8 @@ def test_command_runs_the_grid_on_a_tiny_model(tiny_setup, tmp_path, capsys):
 
 def test_a_model_too_short_for_the_windows_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="reads at most 128 positions.*256-token windows"):
-        Sweep(tmp_path, SweepSpec(val_blocks=1), model_and_tokenizer=(tiny_model("gpt2"), TOKENIZER), corpus_data=CORPUS)
+        Sweep(tmp_path, SweepSpec(val_blocks=1), model_and_tokenizer=(tiny_model("gpt2"), TOKENIZER),
+              corpus_data=CORPUS)
     assert not (tmp_path / "sweep.json").exists()
 
 
@@ -390,3 +436,33 @@ def test_gradual_unfreezing_records_what_trains_at_the_start_and_at_the_stop(tmp
     new_sweep(tmp_path, spec).run_grid()
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("*.json")]
     assert record["trainable_params"] < record["trainable_params_at_stop"] <= record["total_params"]
+
+
+@pytest.mark.slow
+def test_commit_results_commits_the_folder_and_tolerates_nothing_new(tmp_path, capsys, git_identity):
+    git(tmp_path, "init", "-q")
+    out = tmp_path / "results" / "sweep"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "a.json").write_text("{}\n")
+    (tmp_path / "elsewhere.txt").write_text("not the sweep's\n")
+    commit_results(out, "sweep: 8 x lora done")
+    assert git(tmp_path, "log", "--format=%s").splitlines() == ["sweep: 8 x lora done"]
+    assert git(tmp_path, "ls-files").split() == ["results/sweep/runs/a.json"]  # only the results folder
+    commit_results(out, "sweep: nothing new")  # returns at once instead of retrying
+    assert len(git(tmp_path, "log", "--format=%s").splitlines()) == 1
+    assert capsys.readouterr().err == ""  # no "could not commit" warning
+
+
+def test_a_recorded_code_change_carries_a_sweep_over_only_along_its_chain(tmp_path, monkeypatch):
+    from helpers import sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "code_hash", lambda: "c")
+    assert sweep_module.same_numbers_as("c", tmp_path) == ""
+    assert sweep_module.same_numbers_as("a", tmp_path) is None  # nothing recorded
+    changes = [{"from": "a", "to": "b", "evidence": "refactor 1"}, {"from": "x", "to": "c", "evidence": "other"}]
+    (tmp_path / sweep_module.CODE_CHANGES).write_text(json.dumps(changes))
+    assert sweep_module.same_numbers_as("a", tmp_path) is None  # a -> b, but b never led to c
+    changes.append({"from": "b", "to": "c", "evidence": "refactor 2"})
+    (tmp_path / sweep_module.CODE_CHANGES).write_text(json.dumps(changes))
+    assert sweep_module.same_numbers_as("a", tmp_path) == "refactor 1; refactor 2"
+    assert sweep_module.same_numbers_as("b", tmp_path) == "refactor 2"
