@@ -23,7 +23,7 @@ def kernelspec() -> dict:
 
 
 def tidy_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Return `nb` with the metadata JupyterLab would write on opening it, so that opening a notebook leaves it unchanged.
+    """Return `nb` with the metadata JupyterLab writes on opening it, so that opening a notebook leaves it unchanged.
 
     JupyterLab replaces the kernelspec's display name with the installed kernel's ("Python 3 (ipykernel)") and
     rewrites any stored widget state; either marks a freshly opened notebook as modified, and autosave then writes

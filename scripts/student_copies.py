@@ -27,7 +27,7 @@ def student_copy(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def write_copies(source: Path, target: Path) -> list[Path]:
-    """Return the paths written: one output-free copy in `target` of every notebook in `source` (stale copies removed)."""
+    """Return paths written: one output-free copy in `target` of every notebook in `source` (stale copies removed)."""
     notebooks = sorted(source.glob("*.ipynb"))
     if not notebooks:
         raise SystemExit(f"{source} holds no notebooks (*.ipynb); pass the folder of the tutorial's notebooks.")

@@ -3,22 +3,33 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-import transformers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
+# Before transformers comes in: huggingface_hub reads it once, at import. Without it an unknown model name waits
+# on the network's timeouts (46 s measured) before the offline error the tests expect.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
+
 transformers.logging.set_verbosity_error()
 
 VOCAB = 256
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # `make unit` runs the fast tier (-m "not slow"); `make unit-all` and `make test` run these too.
+    config.addinivalue_line(
+        "markers", "slow: loads the real default model, launches a subprocess, or builds every transformers family")
+
+
 def tiny_config(family: str) -> transformers.PretrainedConfig:
     """Return a 2-to-4-block config of `family` ('gpt2', 'qwen2' or 'llama') small enough for a unit test."""
     if family == "gpt2":
-        return transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=3, n_head=4, tie_word_embeddings=True)
+        return transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=3, n_head=4, tie_word_embeddings=True,
+        )
     if family == "qwen2":
         return transformers.Qwen2Config(
             vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -70,7 +81,8 @@ def char_tokenizer(*, bos: bool) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
     special = {"bos_token": "<s>"} if bos else {}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", **special)
     fast.pad_token = fast.eos_token

@@ -22,7 +22,11 @@ from helpers.training import TrainConfig  # noqa: E402
 TEXT = ("fn main() { let owner = String::from(\"value\"); let borrowed = &owner; println!(\"{borrowed}\"); }\n"
         "Ownership moves the value; borrowing lends it without moving. ") * 6
 # One strategy per family: everything trains, the lower blocks frozen, and LoRA adapters on a peft-wrapped model.
-CASES = [("gpt2", "full_fine_tuning", {}), ("qwen2", "freeze_lower_layers", {"n_frozen": 1}), ("llama", "lora", {"r": 4, "dropout": 0.0})]
+CASES = [
+    ("gpt2", "full_fine_tuning", {}),
+    ("qwen2", "freeze_lower_layers", {"n_frozen": 1}),
+    ("llama", "lora", {"r": 4, "dropout": 0.0}),
+]
 
 
 def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -34,7 +38,7 @@ def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def loaders(tokenizer, batch_size: int = 4):
-    """Return (train, validation) loaders of 32-token blocks of TEXT: the same global batches wherever they are built."""
+    """Return (train, validation) loaders of 32-token blocks of TEXT: the same global batches wherever built."""
     train_data = make_dataloader(tokenizer, TEXT[:600], block_size=32, batch_size=batch_size, shuffle=True, seed=0)
     val_data = make_dataloader(tokenizer, TEXT[600:], block_size=32, batch_size=2, shuffle=False)
     return train_data, val_data
@@ -45,7 +49,8 @@ def main(out: str) -> None:
     accelerator = make_accelerator()
     tokenizer = char_tokenizer(bos=False)
     config = TrainConfig(steps=6, lr=3e-3, warmup_steps=1, eval_every=3, grad_accum=2, progress=False)
-    report = {"world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type), "cases": {}}
+    report = {"world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+              "cases": {}}
     for family, strategy, options in CASES:
         model = apply_strategy(no_dropout(tiny_model(family)), strategy, **options)
         single = copy.deepcopy(model)

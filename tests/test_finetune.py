@@ -78,6 +78,7 @@ def test_the_single_process_trap_is_refused():
         check_launch(1, {"WORLD_SIZE": "2"})
 
 
+@pytest.mark.slow  # launches processes
 def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
     out = tmp_path / "report.json"
     done = _torchrun(str(HERE / "distributed_worker.py"), str(out))
@@ -93,6 +94,7 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert "changes which tensors train" in report["gradual_refused"]
 
 
+@pytest.mark.slow  # launches processes
 def test_torchrun_without_the_cpu_setting_is_refused_not_run_twice():
     # Accelerate's default on a machine without a GPU: each of the two processes would train alone.
     code = ("from accelerate import Accelerator; from helpers.engine import check_launch; "
@@ -111,6 +113,7 @@ def _tiny_model_and_corpus(tmp_path: Path) -> tuple[Path, Path]:
     return model_dir, corpus
 
 
+@pytest.mark.slow  # launches processes
 def test_the_command_under_torchrun_writes_one_result_with_identical_ranks(tmp_path):
     (model_dir, corpus), out = _tiny_model_and_corpus(tmp_path), tmp_path / "out"
     done = _torchrun("-m", "helpers.finetune", "--model", str(model_dir), "--corpus", str(corpus), "--steps", "3",
@@ -122,6 +125,7 @@ def test_the_command_under_torchrun_writes_one_result_with_identical_ranks(tmp_p
     assert done.stdout.count("trained weights identical on all 2 ranks: True") == 1  # rank 0 alone reports
 
 
+@pytest.mark.slow  # launches processes
 def test_accelerate_launch_gives_two_cpu_ranks_only_with_multi_gpu(tmp_path):
     # What notebook 10 and the README tell a reader: on a machine without a GPU, `--cpu --num_processes 2` starts one
     # process, and `--multi_gpu --num_processes 2` starts two, which make_accelerator joins as CPU ranks.
@@ -166,10 +170,11 @@ def test_a_batch_smaller_than_the_world_is_refused():
     with mock.patch.object(type(accelerator), "num_processes", new_callable=mock.PropertyMock, return_value=3), \
             mock.patch("helpers.engine.check_launch"):
         with pytest.raises(ValueError, match="batch of 2 rows cannot be split over 3 processes"):
-            train(tiny_model("gpt2"), *_loaders(tokenizer, batch_size=2), TrainConfig(steps=1, warmup_steps=0, progress=False),
-                              accelerator=accelerator)
+            train(tiny_model("gpt2"), *_loaders(tokenizer, batch_size=2),
+                  TrainConfig(steps=1, warmup_steps=0, progress=False), accelerator=accelerator)
 
 
+@pytest.mark.slow  # launches processes
 def test_help_names_every_option_and_the_launchers():
     done = subprocess.run([sys.executable, "-m", "helpers.finetune", "--help"], capture_output=True, text=True,
                           timeout=120)

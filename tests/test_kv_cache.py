@@ -1,4 +1,4 @@
-"""The KV-cache lesson: token-by-token logits equal full-sequence logits, the report's bugs really break, generation agrees."""
+"""The KV-cache lesson: token-by-token logits equal full-sequence ones, the report's bugs bite, generation agrees."""
 import time
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
+from conftest import tiny_model
 from helpers import kv_cache as kv
 
 
@@ -28,7 +29,8 @@ def test_token_by_token_equals_an_independent_per_prefix_computation(model):
     ids = ids_of(1, 10)
     with torch.no_grad():
         steps = helpers.logits_token_by_token(model, ids)
-        prefixes = torch.cat([model(input_ids=ids[:, : t + 1], use_cache=False).logits[:, -1:] for t in range(10)], dim=1)
+        last = [model(input_ids=ids[:, : t + 1], use_cache=False).logits[:, -1:] for t in range(10)]
+        prefixes = torch.cat(last, dim=1)
     assert (steps - prefixes).abs().max().item() <= 1e-4
 
 
@@ -66,7 +68,8 @@ def test_stale_cache_changes_the_logits_and_the_perplexity(model):
         clean = helpers.logits_full_sequence(model, ids)
         stale = helpers.logits_stale_cache(model, ids, previous)
     assert (stale - clean).abs().max().item() > 1e-2
-    assert helpers.next_token_perplexity(stale, ids) != pytest.approx(helpers.next_token_perplexity(clean, ids), rel=1e-3)
+    clean_ppl = helpers.next_token_perplexity(clean, ids)
+    assert helpers.next_token_perplexity(stale, ids) != pytest.approx(clean_ppl, rel=1e-3)
 
 
 def test_stale_cache_is_what_the_report_loop_computes_without_clearing(model):
@@ -129,10 +132,11 @@ def test_kv_bytes_per_token_of_the_report_model():
 
 
 def test_timing_sweep_measures_both_modes(model):
-    table = helpers.timing_sweep(model, [4, 8], repeats=1, progress=False)
+    # On the CPU clock (blind to other programs), T forward passes cost more than one: a swapped column would not.
+    table = helpers.timing_sweep(model, [4, 8], repeats=1, threads=1, clock="cpu", progress=False)
     assert list(table.index) == [4, 8]
     assert (table[["full (s)", "token by token (s)"]] > 0).all().all()
-    assert table["ratio"].tolist() == pytest.approx((table["token by token (s)"] / table["full (s)"]).tolist())
+    assert (table["ratio"] > 1).all(), table
     assert all(p.grad is None for p in model.parameters())
     assert not model.training
 
@@ -149,7 +153,7 @@ def test_timing_runs_on_the_threads_asked_for_and_restores_torch_setting(model, 
 
     monkeypatch.setattr(kv, "_logits", spy)
     helpers.timing_sweep(model, [4, 6], repeats=1, threads=other, progress=False)
-    assert len(seen) == 6 and set(seen) == {other}  # warm-ups included
+    assert seen and set(seen) == {other}  # warm-ups included
     assert torch.get_num_threads() == before
     seen.clear()
     helpers.time_forward_backward(model, ids_of(1, 4), "full")
@@ -164,8 +168,10 @@ def test_timing_runs_on_the_threads_asked_for_and_restores_torch_setting(model, 
     assert torch.get_num_threads() == before  # restored after an error too
 
 
-def test_cpu_clock_leaves_out_time_the_step_does_not_use_the_cpu(model, monkeypatch):
-    # A step that sleeps stands for one that the machine set aside to run another program.
+def test_cpu_clock_leaves_out_time_the_step_does_not_use_the_cpu(monkeypatch):
+    # A step that sleeps stands for one that the machine set aside to run another program. The clock does not
+    # depend on the family: one is enough (each sleeps for seconds in all).
+    model = tiny_model("gpt2")
     real = kv._logits
 
     def sleepy(m, ids, mode):
@@ -242,7 +248,8 @@ def test_training_and_evaluation_use_one_full_sequence_forward_without_cache(mod
         helpers.token_nll(model, helpers.tokenize(tokenizer, text), block_size=32, batch_size=4, progress=False)
         n_eval = len(calls)
         data = helpers.make_dataloader(tokenizer, text, block_size=32, batch_size=4)
-        helpers.train(model, data, data, helpers.TrainConfig(steps=2, warmup_steps=0, eval_every=2, eval_batches=1, progress=False))
+        config = helpers.TrainConfig(steps=2, warmup_steps=0, eval_every=2, eval_batches=1, progress=False)
+        helpers.train(model, data, data, config)
     finally:
         handle.remove()
     assert n_eval >= 1 and len(calls) > n_eval

@@ -16,7 +16,7 @@ def cells(path: Path) -> list[tuple[str, str]]:
 
 
 def repeated_cells(notebooks: list[Path]) -> dict[str, list[str]]:
-    """Return {cell source: notebooks holding it} for every cell found in more than one notebook (one-line imports aside)."""
+    """Return {cell source: notebooks holding it} for every cell in more than one notebook (one-line imports aside)."""
     where: dict[str, set[str]] = defaultdict(set)
     for path in notebooks:
         for _, source in cells(path):
@@ -32,7 +32,8 @@ def test_the_notebooks_are_all_found():
 def test_no_cell_is_repeated_across_notebooks():
     repeated = repeated_cells(NOTEBOOKS)
     report = "\n\n".join(f"{names}:\n{source[:200]}" for source, names in repeated.items())
-    assert not repeated, f"{len(repeated)} cells appear in more than one notebook; move the shared step into helpers:\n{report}"
+    assert not repeated, (f"{len(repeated)} cells appear in more than one notebook; "
+                          f"move the shared step into helpers:\n{report}")
 
 
 def test_the_check_finds_a_repeated_cell(tmp_path):

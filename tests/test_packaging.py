@@ -28,8 +28,3 @@ def test_default_model_package_is_pinned_alike_everywhere():
     }
     assert all(found == ["0.1.2"] or set(found) == {"0.1.2"} for found in pins.values()), pins
     assert all(pins.values()), pins
-
-
-def test_torch_is_installed_before_the_rest_so_cpu_machines_keep_the_cpu_wheel():
-    recipe = (ROOT / "Makefile").read_text()
-    assert recipe.index("pip install -q torch==2.13.0") < recipe.index('pip install -q -e ".[lab,dev]"')

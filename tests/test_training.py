@@ -16,7 +16,8 @@ from conftest import tiny_model
 
 def loaders(tokenizer, text, *, batch_size=4, shuffle=True, block_size=32):
     """Return (train, validation) loaders over the fixture text, built fresh so their order is reproducible."""
-    train = helpers.make_dataloader(tokenizer, text, block_size=block_size, batch_size=batch_size, shuffle=shuffle, seed=0)
+    train = helpers.make_dataloader(tokenizer, text, block_size=block_size, batch_size=batch_size,
+                                    shuffle=shuffle, seed=0)
     val = helpers.make_dataloader(tokenizer, text[:400], block_size=block_size, batch_size=4, shuffle=False)
     return train, val
 
@@ -201,11 +202,14 @@ def test_save_and_load_only_the_trained_tensors(tmp_path, tokenizer, text):
     assert (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file()
 
 
-def test_throughput_is_reported(tokenizer, text):
+def test_the_token_count_is_what_the_steps_read(tokenizer, text):
+    # Unshuffled blocks of 32 tokens, 4 to a batch, 2 batches a step: 3 steps read 24 blocks (the loader holds more).
+    train_data, val_data = loaders(tokenizer, text, shuffle=False)
+    assert len(train_data.dataset) > 24
     model = helpers.apply_strategy(tiny_model("gpt2"), "full_fine_tuning")
-    history = helpers.train(model, *loaders(tokenizer, text), quick(steps=2))
-    attrs = history.attrs
-    assert attrs["tokens_per_second"] == pytest.approx(attrs["tokens"] / attrs["train_seconds"])
+    history = helpers.train(model, train_data, val_data, quick(steps=3, grad_accum=2, warmup_steps=0))
+    assert history["tokens"].tolist() == [0, 256, 512, 768] and history.attrs["tokens"] == 768
+    assert 0 < history.attrs["train_seconds"] and history.attrs["tokens_per_second"] > 0
 
 
 def test_plots_draw(tokenizer, text):

@@ -126,7 +126,7 @@ def lab(tmp_path_factory) -> Lab:
 
 @pytest.fixture(scope="session")
 def browser():
-    """Yield a headless Chromium driven by Playwright (no browser download: the system's binary); close it afterwards."""
+    """Yield a headless Chromium driven by Playwright (no download: the system's binary); close it afterwards."""
     path = chromium_path()
     if path is None:
         _missing(HOW_TO_GET_ONE)

@@ -103,7 +103,8 @@ RUN_ALL = """async () => {
   await app.commands.execute('notebook:run-all-cells');
   const deadline = Date.now() + 180000;
   const busy = () => widget.sessionContext.session?.kernel?.status !== 'idle'
-      || [...widget.content.widgets].some(c => c.model.type === 'code' && c.model.executionCount === null && c.model.sharedModel.getSource().trim());
+      || [...widget.content.widgets].some(c => c.model.type === 'code' && c.model.executionCount === null
+                                               && c.model.sharedModel.getSource().trim());
   while (busy()) {
     if (Date.now() > deadline) throw new Error('notebook 08 did not finish running');
     await new Promise(r => setTimeout(r, 200));
@@ -149,7 +150,8 @@ def _counts_line(name: str, **options) -> tuple[str, str]:
     from helpers.widgets import explore
 
     _, counts = explore(name, **options)
-    return f"{counts['trainable']:,} of {counts['total']:,} parameters trainable ({counts['percent']}%)", counts["summary"]
+    return (f"{counts['trainable']:,} of {counts['total']:,} parameters trainable ({counts['percent']}%)",
+            counts["summary"])
 
 
 def test_the_strategy_explorer_follows_its_controls(notebook08, screenshots):
@@ -181,7 +183,8 @@ def test_the_strategy_explorer_follows_its_controls(notebook08, screenshots):
     expect(explorer).to_contain_text(_counts_line("lora")[0])
     expect(figure).not_to_have_attribute("src", before)
     explorer.screenshot(path=str(screenshots / "explorer_lora.png"))
-    assert _share_of_colour(figure.get_attribute("src"), TRAINABLE_BLUE) > 0.10, "LoRA's trainable bars are too thin to see"
+    share = _share_of_colour(figure.get_attribute("src"), TRAINABLE_BLUE)
+    assert share > 0.10, "LoRA's trainable bars are too thin to see"
 
 
 def test_the_training_panel_trains_and_draws_from_the_first_step_to_the_last(notebook08, screenshots):

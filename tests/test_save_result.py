@@ -1,0 +1,33 @@
+"""save_result leaves a committed result alone when a re-run changes only its timings, so make test keeps git clean."""
+from helpers.experiment import save_result
+
+
+def result(test_ppl: float = 11.09, seconds: float = 143.0) -> dict:
+    """A tiny result record shaped like results/lora.json: numbers, timings, and a history with per-step times."""
+    return {
+        "strategy": "lora", "test_ppl": test_ppl, "train_seconds": seconds, "tokens_per_second": 25600 / seconds,
+        "peak_memory_mb": 4015.2 + seconds, "torch_threads": 2,
+        "history": [{"step": 0, "val_loss": 3.15, "seconds": 0.0}, {"step": 1, "train_loss": 3.0, "seconds": seconds}],
+    }
+
+
+def test_a_rerun_that_changes_only_timings_leaves_the_file_byte_for_byte(tmp_path):
+    path = save_result(result(), tmp_path / "lora.json")
+    before = path.read_bytes()
+    assert save_result(result(seconds=169.8), path) == path
+    assert path.read_bytes() == before
+
+
+def test_a_rerun_with_another_number_rewrites_the_file(tmp_path):
+    path = save_result(result(), tmp_path / "lora.json")
+    save_result(result(test_ppl=11.5, seconds=169.8), path)
+    assert '"test_ppl": 11.5' in path.read_text() and '"train_seconds": 169.8' in path.read_text()
+    history = result(seconds=169.8)
+    history["history"][1]["train_loss"] = 2.9  # a number inside the history counts too
+    save_result(history, path)
+    assert '"train_loss": 2.9' in path.read_text()
+
+
+def test_a_missing_file_is_written_to_the_default_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr("helpers.experiment.results_dir", lambda: tmp_path)
+    assert save_result(result()) == tmp_path / "lora.json" and (tmp_path / "lora.json").is_file()
