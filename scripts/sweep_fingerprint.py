@@ -1,0 +1,50 @@
+"""Run the sweep on tiny models and a tiny corpus; print one sha256 per run file, timing fields removed.
+
+Usage: PYTHONPATH=<checkout>/src:tests python scripts/sweep_fingerprint.py OUT (OUT must not exist). Run it on two
+commits (`git worktree add`) and diff the outputs: equal lines mean the two codes compute the same numbers.
+All six strategies, GPT-2, Qwen2 and a BOS-adding Llama, two sizes, the grid and the report's protocol.
+"""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from conftest import char_tokenizer, tiny_model
+
+from helpers.data import Corpus
+from helpers.recipe import ORDER
+from helpers.sweep import Sweep, SweepSpec
+
+RUST = ("fn main() { let owner = String::from(\"value\"); let borrowed = &owner; println!(\"{borrowed}\"); }\n"
+        "Ownership moves the value; borrowing lends it without moving. ")
+CORPUS = Corpus(train=[RUST * 4, RUST * 3], validation=[RUST * 2], test=[RUST])
+TIMING = {"seconds", "train_seconds", "tokens_per_second", "peak_memory_mb"}
+
+
+def strip(value):
+    """Return `value` without its timing fields, which differ from run to run."""
+    if isinstance(value, dict):
+        return {k: strip(v) for k, v in value.items() if k not in TIMING}
+    return [strip(v) for v in value] if isinstance(value, list) else value
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    spec = SweepSpec(sizes={"8": 8, "64": 64}, strategies=tuple(ORDER), seeds=2, block_size=32, val_blocks=2,
+                     max_tokens=512, report_draws=2, eval_block_size=64)
+    for family in ("qwen2", "gpt2", "llama"):
+        tokenizer = char_tokenizer(bos=family == "llama")
+        sweep = Sweep(out / family, spec, model_and_tokenizer=(tiny_model(family), tokenizer), corpus_data=CORPUS,
+                      progress=False)
+        sweep.run_grid()
+        sweep.run_report()
+    files = [p for p in sorted(out.rglob("*.json")) if p.name != "sweep.json"]
+    for path in files:
+        data = json.dumps(strip(json.loads(path.read_text())), sort_keys=True).encode()
+        print(f"{hashlib.sha256(data).hexdigest()[:16]} {path.relative_to(out)}")
+    print(len(files), "files")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
