@@ -27,7 +27,9 @@ def tiny_setup(tmp_path, tokenizer, monkeypatch):
     """A tiny Llama saved with the tiny tokenizer, and a corpus folder of a few Markdown documents."""
     monkeypatch.setenv("TUTORIAL_CACHE", str(tmp_path / "cache"))
     model_dir, corpus = tmp_path / "model", tmp_path / "corpus"
-    tiny_model("llama").save_pretrained(model_dir)
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 256  # the recipe evaluates 256-token windows (RoPE has no table to grow)
+    model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     corpus.mkdir()
     for i in range(5):

@@ -27,7 +27,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "experiment": (
         "baseline_perplexity", "complete", "evaluate_splits", "load_results", "make_result", "recipe_config",
-        "recipe_data", "results_dir", "run_experiment", "save_result",
+        "recipe_data", "results_dir", "save_result",
     ),
     "kv_cache": (
         "StatefulLM", "cache_growth", "cache_nbytes", "cache_table", "fill_cache", "generation_speed",

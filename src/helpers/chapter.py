@@ -53,6 +53,7 @@ class StrategyRun:
     changed: list[str] | None = None
     result: dict | None = field(repr=False, default=None)
     path: Path | None = None
+    model_name: str | None = None
 
     @property
     def layers(self) -> LayerMap:
@@ -90,7 +91,7 @@ class StrategyRun:
         self.result = make_result(
             self.model, self.history, strategy=self.strategy, baseline_test_ppl=self.baseline_test_ppl,
             evaluation=self.evaluation, generation_before=self.generation_before,
-            generation_after=self.generation_after,
+            generation_after=self.generation_after, model_name=self.model_name,
         )
         self.result["trainable_map"] = trainable_map(self.model).reset_index().to_dict(orient="records")
         if save:
@@ -158,7 +159,7 @@ def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, mo
     config = config or (recipe_config(strategy) if lr is None else recipe_config(lr=lr))
     run = StrategyRun(strategy=strategy, model=model, tokenizer=tokenizer, corpus=corpus,
                       options=dict(model.strategy_info.options), config=config, baseline_test_ppl=baseline,
-                      generation_before=before, frozen_before=frozen_snapshot(model))
+                      generation_before=before, frozen_before=frozen_snapshot(model), model_name=model_name)
     if show:
         layers = run.layers
         docs = {split: info["documents"] for split, info in corpus.summary().items()}

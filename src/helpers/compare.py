@@ -59,7 +59,8 @@ def learning_rate(strategy: str) -> float:
 def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None,
                  steps: int | None = None, progress: bool = True, save: bool = False) -> dict:
     """Return the result record of `strategy` trained under the shared recipe (collect_results, helpers-compare)."""
-    from .experiment import recipe_config, run_experiment
+    from .chapter import prepare_run
+    from .experiment import recipe_config
 
     if strategy not in _registry():
         raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(_registry())}.")
@@ -67,8 +68,9 @@ def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus
     if steps is not None:
         overrides["steps"] = steps
         overrides["warmup_steps"] = min(RECIPE["warmup_steps"], steps)
-    return run_experiment(strategy, model_name=model_name, corpus=corpus, config=recipe_config(strategy, **overrides),
-                          save=save)
+    config = recipe_config(strategy, **overrides)
+    run = prepare_run(strategy, show=False, model_name=model_name, corpus=corpus, config=config)
+    return run.finish(save=save, show=False).result
 
 
 def matches_recipe(result: dict, name: str) -> bool:

@@ -12,11 +12,10 @@ from torch.utils.data import DataLoader
 
 from .data import Corpus, load_corpus, make_dataloader, special_prefix, tokenize
 from .evaluation import generate, perplexity
-from .models import cache_dir, default_model_name, load_model
+from .models import cache_dir, default_model_name
 from .recipe import LEARNING_RATES, PROMPT, RECIPE
-from .registry import apply_strategy
-from .strategies import count_parameters, count_tensors, trainable_map
-from .training import TrainConfig, train
+from .strategies import count_parameters, count_tensors
+from .training import TrainConfig
 
 
 def results_dir() -> Path:
@@ -170,25 +169,3 @@ def load_results(folder: str | Path | None = None) -> dict[str, dict]:
     """Return {strategy: result record} for every results/*.json file (first used in notebook 03)."""
     folder = Path(folder) if folder is not None else results_dir()
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-
-
-def run_experiment(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None,
-                   config: TrainConfig | None = None, prompt: str = PROMPT, save: bool = True, **options) -> dict:
-    """Return the result record of one strategy under the shared recipe, saved if `save` (used by run_strategy)."""
-    model, tokenizer = load_model(model_name)
-    corpus = corpus or load_corpus()
-    train_data, val_data = recipe_data(tokenizer, corpus)
-    baseline = baseline_perplexity(model, tokenizer, corpus.test)
-    before = complete(model, tokenizer, prompt)
-    model = apply_strategy(model, strategy, **options)
-    history = train(model, train_data, val_data, config or recipe_config(strategy))
-    result = make_result(
-        model, history, strategy=strategy, baseline_test_ppl=baseline,
-        evaluation=evaluate_splits(model, tokenizer, corpus),
-        generation_before=before, generation_after=complete(model, tokenizer, prompt), prompt=prompt,
-        model_name=model_name,
-    )
-    result["trainable_map"] = trainable_map(model).reset_index().to_dict(orient="records")
-    if save:
-        save_result(result)
-    return result
