@@ -31,3 +31,12 @@ def test_a_rerun_with_another_number_rewrites_the_file(tmp_path):
 def test_a_missing_file_is_written_to_the_default_folder(tmp_path, monkeypatch):
     monkeypatch.setattr("helpers.experiment.results_dir", lambda: tmp_path)
     assert save_result(result()) == tmp_path / "lora.json" and (tmp_path / "lora.json").is_file()
+
+
+def test_last_digit_differences_between_machines_leave_the_file_alone(tmp_path):
+    path = save_result(result(test_ppl=11.094254922607188), tmp_path / "lora.json")
+    before = path.read_bytes()
+    save_result(result(test_ppl=11.09450039923955, seconds=99.8), path)  # two fresh-clone runs, 2.2e-5 apart
+    assert path.read_bytes() == before
+    save_result(result(test_ppl=11.096), path)  # 1.6e-4 apart: another number
+    assert '"test_ppl": 11.096' in path.read_text()
