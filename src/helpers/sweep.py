@@ -637,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep.run_report(on_saved=on_saved)
         if args.part in ("all", "grid"):
             sweep.run_grid(on_saved=on_saved)
+        if on_saved is not None:  # the session's final time, written after the last cell's commit
+            on_saved("sweep: the session's time")
     except (ValueError, OSError) as err:  # OSError: a model or corpus that cannot be read
         print(f"helpers.sweep: error: {err}", file=sys.stderr)
         return 2
