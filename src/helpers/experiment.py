@@ -147,7 +147,11 @@ def history_records(history) -> list[dict]:
 
 RERUN_RTOL = 1e-4
 """Relative tolerance within which a re-run's numbers are the committed ones: another machine, thread count or load
-changes the last digits (up to 3e-5 measured between two runs of notebook 07), a different run changes far more."""
+changes the last digits (up to 3.4e-5 measured between two runs of notebook 07), a different run changes far more."""
+
+
+_TIMINGS = {"seconds", "train_seconds", "tokens_per_second", "peak_memory_mb"}
+"""The fields that vary from run to run of the same training: the clock and the allocator, not the numbers."""
 
 
 def _same_numbers(a, b, rtol: float = RERUN_RTOL) -> bool:
@@ -160,10 +164,6 @@ def _same_numbers(a, b, rtol: float = RERUN_RTOL) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=rtol)
     return a == b
-
-
-_TIMINGS = {"seconds", "train_seconds", "tokens_per_second", "peak_memory_mb"}
-"""The fields that vary from run to run of the same training: the clock and the allocator, not the numbers."""
 
 
 def save_result(result: dict, path: str | Path | None = None) -> Path:
