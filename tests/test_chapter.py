@@ -58,6 +58,29 @@ def test_a_run_trains_evaluates_and_keeps_its_frozen_tensors(tokenizer, text, ca
     assert "x the baseline" in text_report and strategy in text_report
 
 
+def test_gradual_unfreezing_finishes_with_the_blocks_it_opened_counted_as_moved(tokenizer, text, cache):
+    # 12 steps, a block more every 5: blocks 2 and 1 of 0-3 open while training. The frozen check once counted them as frozen
+    # tensors that moved and raised, so the shared pipeline could not train this strategy past its first stage.
+    run = helpers.prepare_run("gradual_unfreezing", model_and_tokenizer=(long_context("llama"), tokenizer),
+                              corpus=tiny_corpus(text), config=quick_config(), show=False, every=5)
+    frozen = len(run.frozen_before)
+    run.finish(save=False, show=False)
+    opened = {name.split(".")[2] for name in run.changed}
+    assert opened == {"1", "2"} and all(name.startswith("model.layers.") for name in run.changed)
+    assert f"frozen tensors unchanged: {frozen - len(run.changed)} of {frozen}" in run.report()
+
+
+def test_a_frozen_tensor_that_moves_fails_the_pipeline(tokenizer, text):
+    model = helpers.apply_strategy(tiny_model("llama"), "freeze_lower_layers", n_frozen=1)
+    frozen = helpers.frozen_snapshot(model)
+    name = next(iter(frozen))
+    with torch.no_grad():
+        dict(model.named_parameters())[name].add_(1.0)  # what a strategy that leaks gradients would do
+    data = helpers.make_dataloader(tokenizer, [text], block_size=16, batch_size=2)
+    with pytest.raises(AssertionError, match=f"1 frozen tensors changed during training: \\['{name}'\\]"):
+        helpers.train_strategy(model, data, data, TrainConfig(steps=1, warmup_steps=0, progress=False), frozen=frozen)
+
+
 def test_a_run_cannot_be_finished_twice(tokenizer, text, cache):
     run = helpers.prepare_run("adapter_layers", model_and_tokenizer=(long_context("qwen2"), tokenizer),
                               corpus=tiny_corpus(text), config=quick_config(), show=False, n_top=1)

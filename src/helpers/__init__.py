@@ -61,6 +61,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "training": (
         "TrainConfig", "changed_tensors", "frozen_snapshot", "load_trained", "save_full", "save_trained", "train",
+        "train_strategy",
     ),
     "unfreezing": (
         "UNFREEZING_DEFAULTS", "GradualUnfreezing", "unfreezing_stages",

@@ -18,7 +18,7 @@ from torch import nn
 
 from .compat import require
 from .engine import is_fsdp, make_accelerator
-from .training import TrainConfig, train, trained_state
+from .training import TrainConfig, train_strategy, trained_state
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                          gradient_checkpointing=args.checkpointing, mixed_precision=args.bf16,
                          progress=not args.no_progress)
     try:
-        history = train(model, train_data, val_data, config, accelerator=accelerator)
+        history = train_strategy(model, train_data, val_data, config, accelerator=accelerator)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -202,15 +202,6 @@ def _strategy_copy(base: nn.Module, strategy: str, seed: int) -> nn.Module:
     return apply_strategy(copy.deepcopy(base), strategy)
 
 
-def _train(model: nn.Module, train_data, val_data, config):
-    from .training import train
-
-    history = train(model, train_data, val_data, config)
-    if history.attrs["interrupted"]:  # train() stops cleanly on Ctrl-C; the sweep must stop too
-        raise KeyboardInterrupt
-    return history
-
-
 def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr: float, seed: int,
               spec: SweepSpec, *, n_prefix: int = 0) -> tuple[nn.Module, dict]:
     """Return (a trained copy of `base` at its best validation, its record); used in notebook 09's solutions.
@@ -219,7 +210,7 @@ def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr
     cap counts only the text tokens behind it.
     """
     from .strategies import count_parameters
-    from .training import TrainConfig
+    from .training import TrainConfig, train_strategy
 
     model = _strategy_copy(base, strategy, seed)
     # Gradual unfreezing trains more as it goes, so record what trains at the start and at the stop.
@@ -231,7 +222,7 @@ def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr
         patience=spec.patience, progress=False,
     )
     start = time.perf_counter()
-    history = _train(model, _loader(blocks, spec.batch_size, shuffle=True, seed=seed), val_data, config)
+    history = train_strategy(model, _loader(blocks, spec.batch_size, shuffle=True, seed=seed), val_data, config)
     attrs = history.attrs
     steps_run = int(history["step"].max())
     trainable, total = count_parameters(model)
@@ -530,7 +521,7 @@ class Sweep:
     def _report_run(self, strategy: str, draw: int, block: torch.Tensor, test_seq: torch.Tensor,
                     baseline: float) -> dict:
         from .strategies import count_parameters
-        from .training import TrainConfig
+        from .training import TrainConfig, train_strategy
 
         spec = self.spec
         model = _strategy_copy(self.model, strategy, draw)
@@ -540,7 +531,7 @@ class Sweep:
                              eval_at_start=False, seed=draw, progress=False)
         start = time.perf_counter()
         loader = _loader(block, 1, shuffle=False)
-        losses = _train(model, loader, loader, config)["train_loss"].dropna()
+        losses = train_strategy(model, loader, loader, config)["train_loss"].dropna()
         seq = self._perplexity(model, test_seq, block.shape[1])
         return {"trainable_params": count_parameters(model)[0], "seq_ppl": seq,
                 "improvement_pct": 100 * (1 - seq / baseline), "test_ppl": self.test_perplexity(model),

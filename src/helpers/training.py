@@ -531,3 +531,25 @@ def changed_tensors(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> list
     """Return the names of parameters that differ (even by one bit) from `snapshot`."""
     params = dict(model.named_parameters())
     return [n for n, t in snapshot.items() if not torch.equal(params[n].detach(), t)]
+
+
+def train_strategy(model: nn.Module, train_data: DataLoader, val_data: DataLoader, config: TrainConfig, *,
+                   frozen: dict[str, torch.Tensor] | None = None, accelerator=None, callback=None) -> pd.DataFrame:
+    """Return the history of `train` on `model` (a strategy applied), checked: the one pipeline step (notebook 04).
+
+    Every caller trains a strategy through it: the notebooks, the command lines, the widget and the sweep. Ctrl-C
+    raises KeyboardInterrupt, so that nothing half-trained is evaluated or saved, and a tensor frozen from start to end
+    that moved by one bit (`frozen`: a snapshot taken before, else taken here) is a bug in the strategy: it raises.
+    """
+    # FSDP re-lays the parameters into its shards; the strategies' frozen sets are checked in one process and on DDP.
+    frozen = ({} if is_fsdp(accelerator) else frozen_snapshot(model)) if frozen is None else frozen
+    history = train(model, train_data, val_data, config, accelerator=accelerator, callback=callback)
+    if history.attrs["interrupted"]:
+        name = getattr(getattr(model, "strategy_info", None), "name", type(model).__name__)
+        raise KeyboardInterrupt(f"Training of {name} was interrupted; nothing was evaluated or saved.")
+    params = dict(model.named_parameters())
+    # Tensors frozen from start to end; gradual unfreezing trains some that were frozen at the start, never the reverse.
+    changed = changed_tensors(model, {n: t for n, t in frozen.items() if not params[n].requires_grad})
+    if changed:
+        raise AssertionError(f"{len(changed)} frozen tensors changed during training: {changed[:5]}")
+    return history

@@ -199,7 +199,7 @@ def _train_live(strategy: str, total: int, progress, status, output, *, model_na
 
     from .experiment import recipe_config, recipe_data
     from .models import load_model
-    from .training import train
+    from .training import train_strategy
 
     progress.value, progress.max = 0, total
     rows: list[dict] = []
@@ -228,7 +228,7 @@ def _train_live(strategy: str, total: int, progress, status, output, *, model_na
                                  total_tokens=row["tokens"] * total // step))
 
     status.value = f"a first validation pass, then step 1/{total} ..."
-    history = train(model, train_data, val_data, config, callback=draw)
+    history = train_strategy(model, train_data, val_data, config, callback=draw)
     final = history["val_loss"].dropna().iloc[-1]
     done_steps = int(history["step"].iloc[-1])
     with output:  # the whole history, the validation loss before training included
