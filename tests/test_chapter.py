@@ -59,8 +59,8 @@ def test_a_run_trains_evaluates_and_keeps_its_frozen_tensors(tokenizer, text, ca
 
 
 def test_gradual_unfreezing_finishes_with_the_blocks_it_opened_counted_as_moved(tokenizer, text, cache):
-    # 12 steps, a block more every 5: blocks 2 and 1 of 0-3 open while training. The frozen check once counted them as frozen
-    # tensors that moved and raised, so the shared pipeline could not train this strategy past its first stage.
+    # 12 steps, a block more every 5: blocks 2 and 1 of 0-3 open while training. The frozen check once counted them as
+    # frozen tensors that moved and raised, so the shared pipeline could not train this strategy past its first stage.
     run = helpers.prepare_run("gradual_unfreezing", model_and_tokenizer=(long_context("llama"), tokenizer),
                               corpus=tiny_corpus(text), config=quick_config(), show=False, every=5)
     frozen = len(run.frozen_before)

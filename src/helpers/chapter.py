@@ -1,4 +1,4 @@
-"""What every notebook does first (`setup`) and the pipeline notebooks 04-07 share after notebook 03 wrote it out."""
+"""What every notebook does first (`setup`), and the pipeline of notebooks 04-07 that notebook 03 writes out."""
 from __future__ import annotations
 
 import random
@@ -13,10 +13,8 @@ from torch import nn
 
 from .data import Corpus, load_corpus
 from .device import keep_freed_memory
-from .experiment import (
-    baseline_perplexity, check_context, complete, evaluate_splits, make_result, recipe_config, recipe_data,
-    save_result,
-)
+from .experiment import (baseline_perplexity, check_context, complete, evaluate_splits, make_result, recipe_config,
+                         recipe_data, save_result)
 from .models import load_model, quiet_transformers
 from .plotting import plot_history, plot_trainable_map
 from .recipe import PROMPT, RECIPE
@@ -26,7 +24,10 @@ from .training import TrainConfig, changed_tensors, frozen_snapshot, train_strat
 
 
 def setup(seed: int = 0) -> None:
-    """Seed random, numpy and torch, silence transformers, tune the CPU allocator (first used in notebook 00)."""
+    """Seed Python's, numpy's and torch's generators with `seed` and silence transformers' logs (notebook 00 on).
+
+    It also has glibc keep freed CPU memory for the next training step (helpers.device.keep_freed_memory).
+    """
     keep_freed_memory()
     quiet_transformers()
     random.seed(seed)
@@ -61,17 +62,12 @@ class StrategyRun:
         return find_layers(self.model)
 
     @property
-    def tokens_per_step(self) -> int:
-        """Return the tokens one optimizer step reads under the recipe (printed by prepare_run)."""
-        return RECIPE["batch_size"] * RECIPE["block_size"] * self.config.grad_accum
-
-    @property
     def counts(self) -> dict[str, int]:
         """Return trainable and total parameters (unique elements) and tensors (notebook 04)."""
         trainable, total = count_parameters(self.model)
         trainable_tensors, total_tensors = count_tensors(self.model)
-        return {"trainable": trainable, "total": total, "trainable_tensors": trainable_tensors,
-                "total_tensors": total_tensors}
+        return {"trainable": trainable, "total": total,
+                "trainable_tensors": trainable_tensors, "total_tensors": total_tensors}
 
     def finish(self, *, save: bool = True, show: bool = True) -> "StrategyRun":
         """Return this run trained, evaluated, checked for moved frozen tensors and saved (notebook 04)."""
@@ -80,7 +76,7 @@ class StrategyRun:
                              "for a new one.")
         train_data, val_data = recipe_data(self.tokenizer, self.corpus)
         self.history = train_strategy(self.model, train_data, val_data, self.config, frozen=self.frozen_before)
-        # Frozen tensors that moved: none for a fixed strategy (train_strategy checks); gradual unfreezing's opened blocks.
+        # Frozen tensors that moved: none in a fixed strategy (train_strategy checks); blocks gradual unfreezing opened.
         self.changed = changed_tensors(self.model, self.frozen_before)
         self.evaluation = evaluate_splits(self.model, self.tokenizer, self.corpus)
         self.generation_after = complete(self.model, self.tokenizer)
@@ -127,19 +123,14 @@ class StrategyRun:
             lines.append(f"saved {self.path.parent.name}/{self.path.name}")
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.report()
-
 
 def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, model_name: str | None = None,
                 model_and_tokenizer: tuple | None = None, corpus: Corpus | None = None,
                 config: TrainConfig | None = None, **options) -> StrategyRun:
     """Return a StrategyRun: model loaded, baseline measured, `strategy` applied, ready to `finish` (notebook 04).
 
-    `lr` defaults to the strategy's rate in the shared recipe and `config` to the recipe; `options` go to
-    `apply_strategy`. `model_and_tokenizer` and `corpus` replace the default model and corpus (tests pass tiny ones).
+    `config` defaults to the recipe at `lr` (default: the strategy's rate); `options` go to `apply_strategy`.
     """
-
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.")
     if config is not None and lr is not None:
@@ -164,8 +155,8 @@ def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, mo
         print(f"baseline test perplexity {baseline:.2f}; {PROMPT!r} -> {before!r}")
         print(model.strategy_info.summary)
         print(run.report().splitlines()[0])
-        print(f"to train: {config.steps} steps x {run.tokens_per_step:,} tokens at lr {config.lr:g} "
-              "(the shared recipe)")
+        tokens_per_step = RECIPE["batch_size"] * RECIPE["block_size"] * config.grad_accum
+        print(f"to train: {config.steps} steps x {tokens_per_step:,} tokens at lr {config.lr:g} (the shared recipe)")
         plot_trainable_map(trainable_map(model), title=f"{strategy}: trainable parameters per part")
         plt.show()
     return run

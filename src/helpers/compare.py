@@ -1,7 +1,4 @@
-"""Every strategy under one recipe: the comparison table, its figures, the report's table, `helpers-compare`.
-
-Run `python -m helpers.compare --help` (or `helpers-compare --help`) for the command's options.
-"""
+"""Every strategy under one recipe: notebook 08's tables and figures, and `python -m helpers.compare` (see --help)."""
 from __future__ import annotations
 
 import argparse
@@ -34,20 +31,6 @@ REPORT_ROWS = [
 8-token test sequence."""
 
 
-def report_table() -> pd.DataFrame:
-    """Return the report's strategy table (REPORT_ROWS) indexed by strategy (used by report_side_by_side)."""
-    import pandas as pd
-
-    columns = ["strategy", "trainable (report)", "perplexity (report)", "improvement % (report)"]
-    return pd.DataFrame(REPORT_ROWS, columns=columns).set_index("strategy")
-
-
-def _registry() -> dict:
-    from .registry import STRATEGIES  # torch loads here, not when --help imports this module
-
-    return STRATEGIES
-
-
 def learning_rate(strategy: str) -> float:
     """Return the rate `strategy` trains at under the shared recipe, from LEARNING_RATES (first used in notebook 03)."""
     if strategy not in LEARNING_RATES:
@@ -57,20 +40,16 @@ def learning_rate(strategy: str) -> float:
 
 
 def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus | None = None,
-                 steps: int | None = None, progress: bool = True, save: bool = False) -> dict:
-    """Return the result record of `strategy` trained under the shared recipe (collect_results, helpers-compare)."""
+                 steps: int | None = None, progress: bool = True) -> dict:
+    """Return the result record of `strategy` trained under the shared recipe, unsaved (first used in notebook 08)."""
     from .chapter import prepare_run
     from .experiment import recipe_config
 
-    if strategy not in _registry():
-        raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(_registry())}.")
-    overrides = {"progress": progress}
+    overrides = {"lr": learning_rate(strategy), "progress": progress}
     if steps is not None:
-        overrides["steps"] = steps
-        overrides["warmup_steps"] = min(RECIPE["warmup_steps"], steps)
-    config = recipe_config(strategy, **overrides)
-    run = prepare_run(strategy, show=False, model_name=model_name, corpus=corpus, config=config)
-    return run.finish(save=save, show=False).result
+        overrides |= {"steps": steps, "warmup_steps": min(RECIPE["warmup_steps"], steps)}
+    run = prepare_run(strategy, show=False, model_name=model_name, corpus=corpus, config=recipe_config(**overrides))
+    return run.finish(save=False, show=False).result
 
 
 def matches_recipe(result: dict, name: str) -> bool:
@@ -86,7 +65,7 @@ def collect_results(names: list[str] | None = None, *, folder: str | Path | None
     """Return {strategy: result} from results/*.json, training and saving any missing or stale one (notebook 08)."""
     from .experiment import load_results, save_result
 
-    names = names or list(_registry())
+    names = names or list(ORDER)
     found = load_results(folder)
     results: dict[str, dict] = {}
     for name in names:
@@ -95,18 +74,13 @@ def collect_results(names: list[str] | None = None, *, folder: str | Path | None
         elif compute_missing:
             if name in found:
                 print(f"results/{name}.json was trained under another recipe or learning rate; training {name} again")
-            results[name] = run_strategy(name, progress=True, save=False)
+            results[name] = run_strategy(name)
             save_result(results[name], Path(folder) / f"{name}.json" if folder else None)
-            results[name]["computed_here"] = True
     return results
 
 
-BASELINE_RTOL = 1e-4
-"""Relative tolerance within which two results share one baseline: machines differ in the last digits, models do not."""
-
-
-def same_baseline(results: dict[str, dict], rtol: float = BASELINE_RTOL) -> float:
-    """Return the baseline test perplexity `results` share (their mean), or raise if two differ (notebook 08)."""
+def same_baseline(results: dict[str, dict], rtol: float = 1e-4) -> float:
+    """Return the baseline test perplexity `results` share (their mean); two over `rtol` apart raise (notebook 08)."""
     values = sorted(float(r["baseline_test_ppl"]) for r in results.values())
     if values[-1] - values[0] > rtol * values[0]:
         raise ValueError(
@@ -124,27 +98,18 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
     if not results:
         raise ValueError("No results to compare: run at least one strategy (helpers.compare.run_strategy).")
     baseline = same_baseline(results)
-    rows = [{
-        "strategy": "baseline (no training)", "trainable params": 0, "trainable %": 0.0,
-        "trainable tensors": 0, "lr": float("nan"), "train tokens": 0, "train s": float("nan"),
-        "tokens/s": float("nan"),
-        "peak memory MB": float("nan"), "val ppl": float("nan"), "test ppl": baseline, "test / baseline": 1.0,
-        "change %": 0.0,
-    }]
+    nan = float("nan")
+    rows = [{"strategy": "baseline (no training)", "trainable params": 0, "trainable %": 0.0, "trainable tensors": 0,
+             "lr": nan, "train tokens": 0, "train s": nan, "tokens/s": nan, "peak memory MB": nan, "val ppl": nan,
+             "test ppl": baseline, "test / baseline": 1.0, "change %": 0.0}]
     for name, r in results.items():
         rows.append({
-            "strategy": name,
-            "trainable params": int(r["trainable_params"]),
+            "strategy": name, "trainable params": int(r["trainable_params"]),
             "trainable %": 100 * r["trainable_params"] / r["total_params"],
-            "trainable tensors": int(r["trainable_tensors"]),
-            "lr": (r.get("config") or {}).get("lr", float("nan")),
-            "train tokens": int(r.get("train_tokens") or 0),
-            "train s": r["train_seconds"],
-            "tokens/s": r["tokens_per_second"],
-            "peak memory MB": r["peak_memory_mb"],
-            "val ppl": r["val_ppl"],
-            "test ppl": r["test_ppl"],
-            "test / baseline": r["test_ppl"] / baseline,
+            "trainable tensors": int(r["trainable_tensors"]), "lr": (r.get("config") or {}).get("lr", nan),
+            "train tokens": int(r.get("train_tokens") or 0), "train s": r["train_seconds"],
+            "tokens/s": r["tokens_per_second"], "peak memory MB": r["peak_memory_mb"], "val ppl": r["val_ppl"],
+            "test ppl": r["test_ppl"], "test / baseline": r["test_ppl"] / baseline,
             "change %": 100 * (r["test_ppl"] / baseline - 1),
         })
     return pd.DataFrame(rows).set_index("strategy")
@@ -152,8 +117,11 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
 
 def report_side_by_side(results: dict[str, dict]) -> pd.DataFrame:
     """Return the report's four strategies beside ours: trainable, perplexity, improvement (notebook 08)."""
+    import pandas as pd
+
     ours = comparison_table(results)
-    table = report_table()
+    columns = ["strategy", "trainable (report)", "perplexity (report)", "improvement % (report)"]
+    table = pd.DataFrame(REPORT_ROWS, columns=columns).set_index("strategy")
     names = [n for n in table.index if n in ours.index]
     table = table.loc[names]
     table["trainable tensors (ours)"] = ours.loc[names, "trainable tensors"]
@@ -191,34 +159,33 @@ def format_table(table: pd.DataFrame, *, formats: dict[str, str] | None = None, 
     return pd.DataFrame({c: [cell(v, c) for v in table[c]] for c in table.columns}, index=table.index)
 
 
-def markdown_table(table: pd.DataFrame, *, floatfmt: str = ",.2f") -> str:
+def markdown_table(table: pd.DataFrame) -> str:
     """Return `table` as a GitHub Markdown table, index first, numbers right-aligned (the helpers-compare command)."""
     import pandas as pd
 
     frame = table.reset_index()
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
-    text = format_table(frame, floatfmt=floatfmt)
+    text = format_table(frame)
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
              "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in text.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: pd.DataFrame, out: str | Path, *, stem: str = "comparison") -> tuple[Path, Path]:
-    """Return the paths of the CSV and Markdown files `table` was written to in `out` (the helpers-compare command)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
-    table.to_csv(csv_path)
-    md_path.write_text(markdown_table(table))
-    return csv_path, md_path
-
-
-def _figure(width: float = 6.5, height: float = 3.8) -> tuple[Figure, object]:
+def _one_axes_figure() -> tuple[Figure, object]:
+    """Return a new figure of one axes, for the comparison's bar and scatter plots."""
     from .plotting import new_figure
 
-    fig = new_figure(width, height)
+    fig = new_figure(6.5, 3.8)
     return fig, fig.add_subplot()
+
+
+def legend_above(fig: Figure, styles: dict[str, dict]) -> None:
+    """Give `fig` one legend above its axes, where it covers no data: {label: line style} (notebook 08's figures)."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], label=label, **style) for label, style in styles.items()]
+    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=8, frameon=False)
 
 
 def plot_loss_curves(results: dict[str, dict], *, columns: int = 3) -> Figure:
@@ -226,7 +193,6 @@ def plot_loss_curves(results: dict[str, dict], *, columns: int = 3) -> Figure:
     import math
 
     import pandas as pd
-    from matplotlib.lines import Line2D
 
     from .plotting import new_figure
 
@@ -238,19 +204,19 @@ def plot_loss_curves(results: dict[str, dict], *, columns: int = 3) -> Figure:
     columns = min(columns, len(histories))
     rows = math.ceil(len(histories) / columns)
     fig = new_figure(3.1 * columns, 2.3 * rows + 0.9)
-    # Constrained layout keeps the figure-wide legend above the panels, where it covers no data.
-    fig.set_layout_engine("constrained")
+    fig.set_layout_engine("constrained")  # which keeps the legend above the panels
     axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
+    train, val = {"color": "#6baed6", "lw": 1}, {"color": "#d94801", "marker": "o", "ms": 3.5, "lw": 1.5}
+    other = {"color": "#c8c8c8", "lw": 1}
     validation = {name: frame.dropna(subset=["val_loss"]) for name, frame in histories.items()}
     for ax, (name, frame) in zip(axes, histories.items()):
         # The other runs' validation curves, in grey behind, keep the strategies comparable across panels.
-        for other, checked in validation.items():
-            if other != name:
-                ax.plot(checked["tokens"] / 1000, checked["val_loss"], color="#c8c8c8", lw=1, zorder=1)
+        for other_name, checked in validation.items():
+            if other_name != name:
+                ax.plot(checked["tokens"] / 1000, checked["val_loss"], **other, zorder=1)
         trained = frame.dropna(subset=["train_loss"])
-        ax.plot(trained["tokens"] / 1000, trained["train_loss"], color="#6baed6", lw=1, zorder=2)
-        ax.plot(validation[name]["tokens"] / 1000, validation[name]["val_loss"], "o-", color="#d94801", ms=3.5, lw=1.5,
-                zorder=3)
+        ax.plot(trained["tokens"] / 1000, trained["train_loss"], **train, zorder=2)
+        ax.plot(validation[name]["tokens"] / 1000, validation[name]["val_loss"], **val, zorder=3)
         ax.set_title(name.replace("_", " "), fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3, lw=0.5)
@@ -258,16 +224,14 @@ def plot_loss_curves(results: dict[str, dict], *, columns: int = 3) -> Figure:
         ax.set_visible(False)
     fig.supxlabel("training tokens seen (thousands)", fontsize=9)
     fig.supylabel("next-token loss (nats)", fontsize=9)
-    handles = [Line2D([], [], color="#6baed6", lw=1, label="training loss (each step's batch)"),
-               Line2D([], [], color="#d94801", marker="o", ms=3.5, lw=1.5, label="validation loss"),
-               Line2D([], [], color="#c8c8c8", lw=1, label="the other strategies' validation loss")]
-    fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=8, frameon=False)
+    legend_above(fig, {"training loss (each step's batch)": train, "validation loss": val,
+                       "the other strategies' validation loss": other})
     return fig
 
 
 def plot_perplexity_bars(table: pd.DataFrame) -> Figure:
     """Return a bar chart of test perplexity per row of `comparison_table`, the baseline drawn across (notebook 08)."""
-    fig, ax = _figure()
+    fig, ax = _one_axes_figure()
     ppl = table["test ppl"]
     colors = ["#969696" if name.startswith("baseline") else "#2b8cbe" for name in ppl.index]
     ax.bar(range(len(ppl)), ppl.values, color=colors)
@@ -283,7 +247,7 @@ def plot_perplexity_bars(table: pd.DataFrame) -> Figure:
 
 def plot_params_vs_perplexity(table: pd.DataFrame) -> Figure:
     """Return a scatter of trainable parameters (log scale) against test perplexity per strategy (notebook 08)."""
-    fig, ax = _figure()
+    fig, ax = _one_axes_figure()
     trained = table[table["trainable params"] > 0]
     ax.scatter(trained["trainable params"], trained["test ppl"], color="#2b8cbe")
     ax.axhline(table["test ppl"].iloc[0], color="#636363", lw=1, ls="--", label="baseline (no training)")
@@ -304,45 +268,13 @@ def plot_params_vs_perplexity(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def run_comparison(names: list[str] | None = None, *, steps: int | None = None, model_name: str | None = None,
-                   corpus: str | Path | None = None, out: str | Path = "comparison",
-                   progress: bool = True) -> pd.DataFrame:
-    """Return the comparison table of `names` (default all), written with each result to `out` (helpers-compare)."""
-    from .data import load_corpus
-    from .experiment import save_result
-    from .progress import tqdm
-
-    names = names or list(_registry())
-    unknown = [n for n in names if n not in _registry()]
-    if unknown:
-        raise ValueError(f"Unknown strategies {unknown}. Valid strategies: {', '.join(_registry())}.")
-    if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be at least 1; got {steps}.")
-    texts = load_corpus(corpus)
-    out = Path(out)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    bar = tqdm(names, desc="strategies", unit="strategy", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        results[name] = run_strategy(name, model_name=model_name, corpus=texts, steps=steps, progress=progress)
-        save_result(results[name], out / "results" / f"{name}.json")
-    table = comparison_table(results)
-    write_table(table, out)
-    return table
-
-
 def _parser() -> argparse.ArgumentParser:
     from .models import default_model_name
 
-    parser = argparse.ArgumentParser(
-        prog="python -m helpers.compare",
-        description=(
-            "Fine-tune one model with several transfer-learning strategies under the same recipe (data, seed, "
-            "token budget) and write the comparison table as CSV and Markdown: trainable parameters, training "
-            "time, tokens/s, peak memory, validation and test perplexity, change against the untrained baseline."
-        ),
-    )
+    parser = argparse.ArgumentParser(prog="python -m helpers.compare", description=(
+        "Fine-tune one model with several transfer-learning strategies under the same recipe (data, seed, token "
+        "budget) and write the comparison table as CSV and Markdown: trainable parameters, training time, tokens/s, "
+        "peak memory, validation and test perplexity, change against the untrained baseline."))
     parser.add_argument("--strategies", nargs="+", metavar="NAME", default=None,
                         help=f"strategies to compare, space-separated; choose from: {', '.join(ORDER)} "
                              "(default: all of them)")
@@ -350,35 +282,54 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"optimizer steps per strategy, each of {RECIPE['batch_size']} blocks of "
                              f"{RECIPE['block_size']} tokens (the same for every strategy; default: {RECIPE['steps']})")
     parser.add_argument("--model", default=None, metavar="NAME",
-                        help=f"model: a local folder written by save_pretrained, a .gguf file, or a Hub id "
+                        help="model: a local folder written by save_pretrained, a .gguf file, or a Hub id "
                              f"(default: $TUTORIAL_MODEL or {default_model_name()})")
     parser.add_argument("--corpus", default=None, metavar="PATH",
                         help="folder of .txt/.md documents, split by document into train/validation/test "
                              "(default: the bundled Rust corpus)")
     parser.add_argument("--out", default="comparison", metavar="DIR",
                         help="folder for comparison.csv, comparison.md and results/<strategy>.json "
-                             "(default: comparison)")
+                             "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (for logs and scripts)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line `helpers-compare`; return the exit status (0 on success, 2 for bad input)."""
+    """Run `helpers-compare`: train each strategy, write the table and results to --out; return the exit status."""
     args = _parser().parse_args(argv)
+    names = args.strategies or list(ORDER)
+    unknown = [n for n in names if n not in LEARNING_RATES]
+    if unknown or args.steps < 1:
+        problem = (f"Unknown strategies {unknown}. Valid strategies: {', '.join(LEARNING_RATES)}." if unknown
+                   else f"--steps must be at least 1; got {args.steps}.")
+        print(f"helpers-compare: error: {problem}", file=sys.stderr)
+        return 2
     import matplotlib
 
     matplotlib.use("Agg")  # no figures here, but a headless machine must never try to open a window
+    from .data import load_corpus
+    from .experiment import save_result
     from .models import quiet_transformers
+    from .progress import tqdm
 
     quiet_transformers()
-    start = time.perf_counter()
+    start, out = time.perf_counter(), Path(args.out)
+    results: dict[str, dict] = {}
     try:
-        table = run_comparison(args.strategies, steps=args.steps, model_name=args.model, corpus=args.corpus,
-                               out=args.out, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, OSError) as err:
+        corpus = load_corpus(args.corpus)
+        (out / "results").mkdir(parents=True, exist_ok=True)
+        bar = tqdm(names, desc="strategies", unit="strategy", disable=args.no_progress)
+        for name in bar:
+            bar.set_postfix_str(name)
+            results[name] = run_strategy(name, model_name=args.model, corpus=corpus, steps=args.steps,
+                                         progress=not args.no_progress)
+            save_result(results[name], out / "results" / f"{name}.json")
+    except (ValueError, OSError) as err:  # e.g. a model or corpus that is not there, a context too short
         print(f"helpers-compare: error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    table = comparison_table(results)
+    table.to_csv(out / "comparison.csv")
+    (out / "comparison.md").write_text(markdown_table(table))
     print(markdown_table(table[["trainable params", "trainable %", "train s", "val ppl", "test ppl", "change %"]]))
     print(f"Wrote {out / 'comparison.csv'} and {out / 'comparison.md'} in {time.perf_counter() - start:.0f} s.")
     return 0

@@ -1,7 +1,7 @@
-"""The engine side of `helpers.train`: Accelerate for one process, N data-parallel processes, or FSDP.
+"""What the training loop needs from Accelerate, for one process, N data-parallel processes or FSDP (notebook 10).
 
-`helpers.train(..., accelerator=make_accelerator())` runs the one training loop through Accelerate; the few lines of
-the loop that differ for it are marked `# engine:` in `helpers.training` (notebook 10 prints them).
+`helpers.train(..., accelerator=make_accelerator())` trains through Accelerate; the loop's lines that differ for it
+are marked `# engine:` in `helpers.training`.
 """
 from __future__ import annotations
 
@@ -42,22 +42,20 @@ def check_launch(num_processes: int, environ: dict | None = None) -> None:
 def make_accelerator(*, mixed_precision: bool = False, fsdp: bool = False, cpu: bool | None = None) -> Accelerator:
     """Return an Accelerator for this launch: gloo without CUDA, autocast on CUDA if asked, FSDP if asked (notebook 10).
 
-    `cpu=None` decides by the hardware: the CPU when CUDA is absent, which is also what makes N CPU processes
-    started by torchrun join one run instead of training N times side by side.
+    `cpu=None` means the CPU when CUDA is absent, which is also what makes N CPU processes started by torchrun join
+    one run instead of training N times side by side.
     """
     from accelerate import Accelerator
 
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-    # Autocast only where it pays: on CUDA, in bf16 where the card has it (fp16 with loss scaling on older cards, as
-    # the plain loop does). On the CPU the run stays fp32.
+    # Autocast only on CUDA: bf16 where the card has it, else fp16 with loss scaling, as the plain loop does.
     precision = "no"
     if mixed_precision and not cpu and torch.cuda.is_available():
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     plugin = None
     if fsdp:
         if cpu:
-            # Accelerate's FSDP plugin needs an accelerator device: on a CPU it raises "There are currently no
-            # available devices found". Say so before it does, with what works instead.
+            # Said before Accelerate's own "There are currently no available devices found", with what works instead.
             raise ValueError("FSDP through Accelerate needs a GPU (CUDA) or another accelerator, and this run is on "
                              "the CPU. Drop --fsdp (fsdp=False): data parallelism over CPU processes works here.")
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -88,19 +86,13 @@ def shard(batch, rank: int, world: int):
     return type(batch)(shard(v, rank, world) for v in batch)
 
 
-def rows(batch) -> int:
-    """Return the number of sequences in a batch."""
-    ids = batch["input_ids"] if isinstance(batch, dict) else (batch[0] if isinstance(batch, (list, tuple)) else batch)
-    return ids.shape[0]
-
-
 def check_engine(model: torch.nn.Module, train_data, accelerator: Accelerator | None) -> None:
     """Raise ValueError, before any step, for what data parallelism cannot train (nothing to check without one)."""
     from .strategies import StrategyInfo
 
     if accelerator is None:
         return
-    check_launch(accelerator.num_processes)
+    check_launch(accelerator.num_processes)  # an Accelerator built by hand has not been checked yet
     world = accelerator.num_processes
     info = getattr(model, "strategy_info", None)
     if world > 1 and info is not None and type(info).on_step is not StrategyInfo.on_step:
@@ -119,10 +111,11 @@ def check_engine(model: torch.nn.Module, train_data, accelerator: Accelerator | 
 
 def check_rows(batches: list, world: int, step: int) -> None:
     """Raise ValueError if a global batch has fewer rows than processes (every rank sees it, so all stop together)."""
-    short = [rows(b) for b in batches if rows(b) < world]
-    if short:
-        raise ValueError(
-            f"Step {step} drew a batch of {short[0]} rows, fewer than the {world} processes: a rank would have "
-            "nothing to train on. Build the DataLoader with drop_last=True or a batch size that leaves no short "
-            "last batch."
-        )
+    for batch in batches:
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+        if ids.shape[0] < world:
+            raise ValueError(
+                f"Step {step} drew a batch of {ids.shape[0]} rows, fewer than the {world} processes: a rank would "
+                "have nothing to train on. Build the DataLoader with drop_last=True or a batch size that leaves no "
+                "short last batch."
+            )

@@ -37,9 +37,7 @@ def recipe_config(strategy: str | None = None, **overrides) -> TrainConfig:
                              f"{', '.join(LEARNING_RATES)} (helpers.recipe.LEARNING_RATES), or an explicit lr=...; "
                              f"got {strategy!r}.")
         overrides["lr"] = LEARNING_RATES[strategy]
-    values = {k: v for k, v in RECIPE.items() if k in fields}
-    values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig(**({k: v for k, v in RECIPE.items() if k in fields} | overrides))
 
 
 def recipe_data(tokenizer, corpus: Corpus | None = None) -> tuple[DataLoader, DataLoader]:
@@ -63,9 +61,9 @@ def check_context(model: nn.Module, longest: int, windows: str) -> None:
 def _fingerprint(model: nn.Module, tokenizer, texts: list[str]) -> str:
     """Return a hash of the model's class, config and weights and of the tokens it reads: a cached perplexity's key."""
     digest = hashlib.sha256()
-    unwrapped = getattr(model, "config", None)
+    config = getattr(model, "config", None)
     digest.update(type(model).__name__.encode())
-    digest.update((unwrapped.to_json_string(use_diff=False) if unwrapped is not None else "").encode())
+    digest.update((config.to_json_string(use_diff=False) if config is not None else "").encode())
     with torch.no_grad():
         for p in model.parameters():
             digest.update(f"{p.double().sum().item():.12e}".encode())
@@ -76,29 +74,26 @@ def _fingerprint(model: nn.Module, tokenizer, texts: list[str]) -> str:
     return digest.hexdigest()[:24]
 
 
-def baseline_perplexity(model: nn.Module, tokenizer, texts: list[str], *, cache: bool = True) -> float:
+def baseline_perplexity(model: nn.Module, tokenizer, texts: list[str]) -> float:
     """Return the perplexity of the untrained `model` on `texts`, cached on disk (first used in notebook 03)."""
     path = cache_dir() / "perplexity" / f"{_fingerprint(model, tokenizer, texts)}.json"
-    if cache and path.is_file():
+    if path.is_file():
         return float(json.loads(path.read_text())["perplexity"])
     ppl = perplexity(model, tokenizer, texts, block_size=RECIPE["eval_block_size"])
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"perplexity": ppl}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"perplexity": ppl}))
     return ppl
 
 
 def evaluate_splits(model: nn.Module, tokenizer, corpus: Corpus) -> dict[str, float]:
     """Return the full validation and test perplexity of `model`, RECIPE's window (first used in notebook 03)."""
     size = RECIPE["eval_block_size"]
-    return {
-        "val_ppl": perplexity(model, tokenizer, corpus.validation, block_size=size),
-        "test_ppl": perplexity(model, tokenizer, corpus.test, block_size=size),
-    }
+    return {"val_ppl": perplexity(model, tokenizer, corpus.validation, block_size=size),
+            "test_ppl": perplexity(model, tokenizer, corpus.test, block_size=size)}
 
 
 def complete(model: nn.Module, tokenizer, prompt: str = PROMPT) -> str:
-    """Return the greedy continuation of `prompt`, RECIPE's max_new_tokens long (first used in notebook 03)."""
+    """Return the text `model` adds to `prompt` decoding greedily, RECIPE's max_new_tokens tokens (notebook 03)."""
     return generate(model, tokenizer, prompt, max_new_tokens=RECIPE["max_new_tokens"])
 
 
@@ -111,30 +106,17 @@ def make_result(model: nn.Module, history, *, strategy: str, baseline_test_ppl: 
     info = getattr(model, "strategy_info", None)
     attrs = history.attrs
     return {
-        "strategy": strategy,
-        "options": dict(getattr(info, "options", {}) or {}),
-        "summary": getattr(info, "summary", ""),
-        "model": model_name or default_model_name(),
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_tensors": trainable_tensors,
-        "total_tensors": total_tensors,
-        "baseline_test_ppl": baseline_test_ppl,
-        "val_ppl": evaluation["val_ppl"],
-        "test_ppl": evaluation["test_ppl"],
+        "strategy": strategy, "options": dict(getattr(info, "options", {}) or {}),
+        "summary": getattr(info, "summary", ""), "model": model_name or default_model_name(),
+        "trainable_params": trainable, "total_params": total,
+        "trainable_tensors": trainable_tensors, "total_tensors": total_tensors,
+        "baseline_test_ppl": baseline_test_ppl, "val_ppl": evaluation["val_ppl"], "test_ppl": evaluation["test_ppl"],
         "ppl_ratio": evaluation["test_ppl"] / baseline_test_ppl,
-        "train_seconds": attrs.get("train_seconds"),
-        "train_tokens": attrs.get("tokens"),
-        "tokens_per_second": attrs.get("tokens_per_second"),
-        "peak_memory_mb": attrs.get("peak_memory_mb"),
-        "precision": attrs.get("precision"),
-        "gradient_checkpointing": attrs.get("gradient_checkpointing"),
-        "recipe": dict(RECIPE),
-        "config": attrs.get("config"),
-        "torch_threads": torch.get_num_threads(),
-        "prompt": prompt,
-        "generation_before": generation_before,
-        "generation_after": generation_after,
+        "train_seconds": attrs.get("train_seconds"), "train_tokens": attrs.get("tokens"),
+        "tokens_per_second": attrs.get("tokens_per_second"), "peak_memory_mb": attrs.get("peak_memory_mb"),
+        "precision": attrs.get("precision"), "gradient_checkpointing": attrs.get("gradient_checkpointing"),
+        "recipe": dict(RECIPE), "config": attrs.get("config"), "torch_threads": torch.get_num_threads(),
+        "prompt": prompt, "generation_before": generation_before, "generation_after": generation_after,
         "history": history_records(history),
     }
 
@@ -149,28 +131,26 @@ RERUN_RTOL = 1e-4
 """Relative tolerance within which a re-run's numbers are the committed ones: another machine, thread count or load
 changes the last digits (up to 3.4e-5 measured between two runs of notebook 07), a different run changes far more."""
 
-
 _TIMINGS = {"seconds", "train_seconds", "tokens_per_second", "peak_memory_mb"}
 """The fields that vary from run to run of the same training: the clock and the allocator, not the numbers."""
 
 
-def _same_numbers(a, b, rtol: float = RERUN_RTOL) -> bool:
-    """Return whether two result records agree: timings ignored, floats within `rtol`, everything else exactly."""
+def _same_numbers(a, b) -> bool:
+    """Return whether two result records agree: timings ignored, floats within RERUN_RTOL, everything else exactly."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys = set(a) - _TIMINGS
-        return keys == set(b) - _TIMINGS and all(_same_numbers(a[k], b[k], rtol) for k in keys)
+        return keys == set(b) - _TIMINGS and all(_same_numbers(a[k], b[k]) for k in keys)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same_numbers(x, y, rtol) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same_numbers(x, y) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=rtol)
+        return math.isclose(a, b, rel_tol=RERUN_RTOL)
     return a == b
 
 
 def save_result(result: dict, path: str | Path | None = None) -> Path:
     """Write a result record to `path` (default results/<strategy>.json), return the path (first used in notebook 03).
 
-    A file whose record has the same numbers (`_same_numbers`: timings aside, floats within RERUN_RTOL) is left alone,
-    so that re-running a notebook leaves the committed results, and git status, as they were.
+    A file with the same numbers (`_same_numbers`) is left alone, so re-running a notebook leaves git status clean.
     """
     path = Path(path) if path is not None else results_dir() / f"{result['strategy']}.json"
     text = json.dumps(result, indent=1, default=float) + "\n"

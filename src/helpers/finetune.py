@@ -1,7 +1,6 @@
-"""`python -m helpers.finetune`: one strategy trained by `helpers.train` on Accelerate, launchable as a command.
+"""`python -m helpers.finetune`: one strategy trained by `helpers.train` on Accelerate, run by notebook 10.
 
-The same command runs in one process, under `torchrun --nproc_per_node N` and under `accelerate launch`; the loop is
-`helpers.train` with an `accelerator` (helpers.engine). `python -m helpers.finetune --help` lists the options.
+The same command runs in one process, under `torchrun --nproc_per_node N` and `accelerate launch`; see --help.
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from .training import TrainConfig, train_strategy, trained_state
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
+    """Return a sha256 of the tensors' names and bytes."""
     digest = hashlib.sha256()
     for name, tensor in sorted(state.items()):
         digest.update(name.encode())
@@ -42,10 +42,10 @@ def _plain_name(name: str) -> str:
 
 
 def command_line(out: str | Path, *, processes: int = 1, **options) -> list[str]:
-    """Return the command that runs `python -m helpers.finetune` with `options` (--name value) in `processes` processes.
+    """Return the command that runs `python -m helpers.finetune` with `options` in `processes` processes (notebook 10).
 
-    More than one process goes through torchrun on this machine (`--standalone`: one node, a local rendezvous).
-    A True option is a bare flag (bf16=True -> --bf16); None and False options are left out.
+    More than one process goes through torchrun (`--standalone`: one node). A True option is a bare flag
+    (bf16=True -> --bf16); None and False options are left out.
     """
     if processes < 1:
         raise ValueError(f"processes must be at least 1; got {processes}.")
@@ -63,17 +63,15 @@ def command_line(out: str | Path, *, processes: int = 1, **options) -> list[str]
 
 
 def run_command(out: str | Path, *, processes: int = 1, threads: int | None = None, **options) -> dict:
-    """Return the result.json of `python -m helpers.finetune` run in a subprocess with `options` (see command_line).
+    """Return the result.json of `command_line(out, ...)` run in a subprocess, its output as "stdout" (notebook 10).
 
-    Each process gets `threads` torch threads (default: this machine's cores shared out), so that N processes do
-    not fight over the same cores. A failing run raises RuntimeError with the end of its error output.
+    Each process gets `threads` torch threads (default: the cores shared out); a failed run raises RuntimeError.
     """
     import subprocess
 
     threads = threads or max(1, (os.cpu_count() or 1) // processes)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     command = command_line(out, processes=processes, **options)
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit status {done.returncode}:\n{done.stderr[-3000:]}")
     result = json.loads((Path(out) / "result.json").read_text())
@@ -94,19 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="a local folder, a .gguf file or a Hub id (default: the tutorial's model, offline)")
     parser.add_argument("--corpus", default=None, help="a folder of .txt/.md documents (default: the Rust corpus)")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate (default: the recipe's rate for the strategy)")
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="blocks per global batch, split over the processes (default: %(default)s)")
-    parser.add_argument("--block-size", type=int, default=128, help="tokens per block (default: %(default)s)")
-    parser.add_argument("--grad-accum", type=int, default=1,
-                        help="global batches per optimizer step (default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=5,
-                        help="validate every N steps, 0 = only at the end (default: %(default)s)")
-    parser.add_argument("--eval-batches", type=int, default=2,
-                        help="validation batches per check (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="data order and initialisation seed (default: %(default)s)")
+    for flag, default, text in (
+            ("--steps", 10, "optimizer steps"),
+            ("--batch-size", 4, "blocks per global batch, split over the processes"),
+            ("--block-size", 128, "tokens per block"),
+            ("--grad-accum", 1, "global batches per optimizer step"),
+            ("--eval-every", 5, "validate every N steps, 0 = only at the end"),
+            ("--eval-batches", 2, "validation batches per check"),
+            ("--seed", 0, "data order and initialisation seed")):
+        parser.add_argument(flag, type=int, default=default, help=f"{text} (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only; the CPU stays fp32)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing: less memory, more compute")
@@ -171,38 +167,27 @@ def _write_result(args: argparse.Namespace, model: nn.Module, config: TrainConfi
     print(f"wrote {out / 'result.json'} and {out / 'trained.safetensors'}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command; return its exit status (2 for bad input, with one message naming the problem)."""
-    args = _parser().parse_args(argv)
+def _prepare_training(args: argparse.Namespace) -> tuple:
+    """Return (accelerator, model, config, train_data, val_data) for the command's `args`.
+
+    Bad input raises ValueError, OSError or RuntimeError, with one message naming the problem.
+    """
     for name in ("steps", "batch_size", "block_size", "grad_accum"):
         if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}.", file=sys.stderr)
-            return 2
-    try:
-        accelerator = make_accelerator(mixed_precision=args.bf16, fsdp=args.fsdp, cpu=True if args.cpu else None)
-    except (RuntimeError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}.")
+    accelerator = make_accelerator(mixed_precision=args.bf16, fsdp=args.fsdp, cpu=True if args.cpu else None)
     from .data import load_corpus, make_dataloader
     from .models import load_model
+    from .recipe import LEARNING_RATES
     from .registry import STRATEGIES, apply_strategy
 
     if args.strategy not in STRATEGIES:
-        print(f"error: unknown strategy {args.strategy!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.",
-              file=sys.stderr)
-        return 2
-    try:
-        # The first load may convert the default model into the cache: one process does it, the others then read it.
-        with accelerator.main_process_first():
-            model, tokenizer = load_model(args.model, device="cpu")
-        corpus = load_corpus(args.corpus)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.lr is None:
-        from .recipe import LEARNING_RATES
-
-        args.lr = LEARNING_RATES[args.strategy]
+        raise ValueError(f"unknown strategy {args.strategy!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.")
+    # The first load may convert the default model into the cache: one process does it, the others then read it.
+    with accelerator.main_process_first():
+        model, tokenizer = load_model(args.model, device="cpu")
+    corpus = load_corpus(args.corpus)
+    args.lr = LEARNING_RATES[args.strategy] if args.lr is None else args.lr
     model = apply_strategy(model, args.strategy)
     train_data = make_dataloader(tokenizer, corpus.train, block_size=args.block_size, batch_size=args.batch_size,
                                  shuffle=True, seed=args.seed)
@@ -212,9 +197,20 @@ def main(argv: list[str] | None = None) -> int:
                          eval_batches=args.eval_batches, seed=args.seed, grad_accum=args.grad_accum,
                          gradient_checkpointing=args.checkpointing, mixed_precision=args.bf16,
                          progress=not args.no_progress)
+    return accelerator, model, config, train_data, val_data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; return its exit status (2 for bad input, with one message naming the problem)."""
+    args = _parser().parse_args(argv)
+    try:
+        accelerator, model, config, train_data, val_data = _prepare_training(args)
+    except (RuntimeError, ValueError, OSError) as error:  # RuntimeError: N processes launched, this one alone
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         history = train_strategy(model, train_data, val_data, config, accelerator=accelerator)
-    except ValueError as error:
+    except ValueError as error:  # what data parallelism cannot train (helpers.engine.check_engine), before any step
         print(f"error: {error}", file=sys.stderr)
         return 2
     state, digests = _trained_tensors(model, accelerator)

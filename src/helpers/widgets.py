@@ -1,4 +1,4 @@
-"""Two ipywidgets panels, a strategy explorer and a live training run, with static fallbacks for non-interactive runs.
+"""Two ipywidgets panels of notebook 08, a strategy explorer and a live training run, with static fallbacks.
 
 In JupyterLab (or any frontend that can answer input()) the functions return live widgets. Under nbval, nbclient,
 a plain Python process, or without ipywidgets, they return static output instead: a table, one figure.
@@ -6,7 +6,6 @@ a plain Python process, or without ipywidgets, they return static output instead
 from __future__ import annotations
 
 import inspect
-import os
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -17,24 +16,15 @@ from .plotting import new_figure, plot_trainable_map
 from .registry import STRATEGIES, apply_strategy, strategy_options
 from .strategies import count_parameters, find_layers, trainable_map
 
-WIDGETS_ENV = "TUTORIAL_WIDGETS"
-"""Environment variable forcing the widgets on ('live') or off ('static'); unset means detect."""
-
 
 def widgets_available() -> bool:
     """Return True when live widgets can be shown: ipywidgets and a frontend that answers (used by the panels, 08)."""
-    forced = os.environ.get(WIDGETS_ENV, "").lower()
-    if forced in ("static", "live"):
-        return forced == "live"
     try:
         import ipywidgets  # noqa: F401
         from IPython import get_ipython
     except ImportError:
         return False
-    shell = get_ipython()
-    kernel = getattr(shell, "kernel", None)
-    if kernel is None:
-        return False  # plain Python or a terminal IPython: no frontend to draw a widget
+    kernel = getattr(get_ipython(), "kernel", None)  # None in plain Python or a terminal IPython: nothing to draw on
     # nbclient and nbval execute with allow_stdin=False; JupyterLab, Notebook and VS Code allow input(), and any
     # frontend that can answer an input() prompt also runs the widget manager.
     return bool(getattr(kernel, "_allow_stdin", False))
@@ -48,20 +38,21 @@ def explore(name: str, config=None, **options) -> tuple[pd.DataFrame, dict]:
                                   "percent": round(100 * trainable / total, 2), "summary": model.strategy_info.summary}
 
 
-def explorer_table(config=None, names: list[str] | None = None) -> pd.DataFrame:
+def explorer_table(config=None) -> pd.DataFrame:
     """Return trainable and total parameters of every strategy at its defaults (the explorer's static form, 08)."""
     rows = []
-    for name in names or list(STRATEGIES):
+    for name in STRATEGIES:
         _, counts = explore(name, config)
         rows.append({k: counts[k] for k in ("strategy", "trainable", "total", "percent")})
     return pd.DataFrame(rows).set_index("strategy")
 
 
-def _control(param: inspect.Parameter, resolved=None, n_blocks: int | None = None):
+def _control(param: inspect.Parameter, resolved, n_blocks: int):
+    """Return the input widget for one strategy option, or None for an option without a simple default."""
     import ipywidgets as w
 
     value, style = param.default, {"description_width": "initial"}
-    if isinstance(value, float) and isinstance(resolved, int) and not isinstance(resolved, bool) and n_blocks:
+    if isinstance(value, float) and type(resolved) is int:
         # A fraction of the blocks (n_frozen=2/3) that the strategy resolves to a count: show and take the count,
         # the number its summary speaks of ("20 of 30"), not a float nobody would type.
         return w.BoundedIntText(value=resolved, min=0, max=n_blocks, description=f"{param.name} (of {n_blocks} blocks)",
@@ -72,7 +63,7 @@ def _control(param: inspect.Parameter, resolved=None, n_blocks: int | None = Non
         return w.BoundedIntText(value=value, min=0, max=4096, description=param.name, style=style)
     if isinstance(value, float):
         return w.FloatText(value=value, description=param.name, style=style)
-    return None  # options without a simple default (e.g. LoRA targets) keep their default
+    return None  # e.g. LoRA's target modules: they keep their default
 
 
 def strategy_explorer(config=None, *, interactive: bool | None = None):
@@ -127,17 +118,17 @@ PANEL_STRATEGY = "lora"
 
 def _loss_figure(history: pd.DataFrame, title: str, total_tokens: int | None = None) -> Figure:
     """Return the panel's figure: training loss per step and validation loss, over 0..total_tokens when given."""
-    from matplotlib.lines import Line2D
+    from .compare import legend_above
 
     fig = new_figure(6.5, 3.6)
-    # Constrained layout keeps the legend above the axes, where it covers no data.
-    fig.set_layout_engine("constrained")
+    fig.set_layout_engine("constrained")  # which keeps the legend above the axes
     ax = fig.add_subplot()
-    trained = history.dropna(subset=["train_loss"])
     # Markers, so that a run of one step already shows its point.
-    ax.plot(trained["tokens"], trained["train_loss"], ".-", color="#6baed6", lw=1, ms=7)
-    checked = history.dropna(subset=["val_loss"]) if "val_loss" in history else history.iloc[:0]
-    ax.plot(checked["tokens"], checked["val_loss"], "o-", color="#d94801", ms=4, lw=1.5)
+    train = {"color": "#6baed6", "marker": ".", "ms": 7, "lw": 1}
+    val = {"color": "#d94801", "marker": "o", "ms": 4, "lw": 1.5}
+    trained, checked = history.dropna(subset=["train_loss"]), history.dropna(subset=["val_loss"])
+    ax.plot(trained["tokens"], trained["train_loss"], **train)
+    ax.plot(checked["tokens"], checked["val_loss"], **val)
     if total_tokens:
         # The whole run's span from the first step on, so the curve grows into a fixed frame.
         ax.set_xlim(-0.02 * total_tokens, 1.02 * total_tokens)
@@ -145,9 +136,7 @@ def _loss_figure(history: pd.DataFrame, title: str, total_tokens: int | None = N
     ax.set_ylabel("loss (nats)")
     ax.grid(alpha=0.3, lw=0.5)
     ax.set_title(title, fontsize=10)
-    handles = [Line2D([], [], color="#6baed6", marker=".", ms=7, lw=1, label="training loss (each step's batch)"),
-               Line2D([], [], color="#d94801", marker="o", ms=4, lw=1.5, label="validation loss")]
-    fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=8, frameon=False)
+    legend_above(fig, {"training loss (each step's batch)": train, "validation loss": val})
     return fig
 
 
@@ -155,12 +144,20 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
                    interactive: bool | None = None):
     """Return a widget that trains a strategy a few steps, redrawing its loss (static: a saved run; notebook 08)."""
     if not (widgets_available() if interactive is None else interactive):
-        return _saved_run_figure(results)
+        from .experiment import load_results
+
+        results = results if results is not None else load_results()
+        if not results:
+            raise ValueError("No saved runs to draw: run a strategy notebook (03-07) first, or pass "
+                             "results={strategy: result}.")
+        name = PANEL_STRATEGY if PANEL_STRATEGY in results else next(iter(results))
+        # Read in JupyterLab before the cell is run again: the title says what the picture is and how to go live.
+        return _loss_figure(pd.DataFrame(results[name]["history"]),
+                            f"{name}: the run saved by its notebook (run this cell in JupyterLab to train live)")
 
     import ipywidgets as w
 
-    first = PANEL_STRATEGY if PANEL_STRATEGY in STRATEGIES else next(iter(STRATEGIES))
-    choice = w.Dropdown(options=list(STRATEGIES), value=first, description="strategy")
+    choice = w.Dropdown(options=list(STRATEGIES), value=PANEL_STRATEGY, description="strategy")
     steps = w.IntSlider(value=10, min=2, max=50, description="steps")
     button = w.Button(description="Train", button_style="primary", icon="play")
     progress = w.IntProgress(value=0, min=0, max=steps.value, description="progress")
@@ -177,20 +174,6 @@ def training_panel(results: dict[str, dict] | None = None, *, model_name: str | 
 
     button.on_click(run)
     return w.VBox([w.HBox([choice, steps, button]), progress, status, output])
-
-
-def _saved_run_figure(results: dict[str, dict] | None) -> Figure:
-    """Return the training panel's static view: the loss curves of a run its notebook saved."""
-    from .experiment import load_results
-
-    results = results if results is not None else load_results()
-    if not results:
-        raise ValueError("No saved runs to draw: run a strategy notebook (03-07) first, or pass "
-                         "results={strategy: result}.")
-    name = PANEL_STRATEGY if PANEL_STRATEGY in results else next(iter(results))
-    # Read in JupyterLab before the cell is run again, so the title says what the picture is and how to go live.
-    return _loss_figure(pd.DataFrame(results[name]["history"]),
-                        f"{name}: the run saved by its notebook (run this cell in JupyterLab to train live)")
 
 
 def _train_live(strategy: str, total: int, progress, status, output, *, model_name: str | None, corpus) -> None:
@@ -211,16 +194,15 @@ def _train_live(strategy: str, total: int, progress, status, output, *, model_na
     config = recipe_config(strategy, steps=total, warmup_steps=min(3, total), eval_every=max(1, total // 5),
                            progress=False)
 
-    def validates(step: int) -> bool:
-        return step % config.eval_every == 0 or step == total
-
     def draw(row: dict) -> None:
         rows.append(row)
         step = row["step"]
         progress.value = step
         # Say what runs next: the last step's validation pass takes a while, and "step 9/10" would sit there.
-        upcoming = "" if step == total else (
-            f"; running step {step + 1}" + (" and a validation pass" if validates(step + 1) else ""))
+        upcoming = ""
+        if step < total:
+            validates = (step + 1) % config.eval_every == 0 or step + 1 == total
+            upcoming = f"; running step {step + 1}" + (" and a validation pass" if validates else "")
         status.value = f"step {step}/{total}: train loss {row['train_loss']:.3f}{upcoming}"
         with output:
             output.clear_output(wait=True)
