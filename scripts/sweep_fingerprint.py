@@ -1,8 +1,7 @@
-"""Run the sweep on tiny models and a tiny corpus; print one sha256 per run file, timing fields removed.
+"""Run the sweep (grid and report) on tiny GPT-2, Qwen2 and BOS Llama models; print a sha256 per file, timing left out.
 
-Usage: PYTHONPATH=<checkout>/src:tests python scripts/sweep_fingerprint.py OUT (OUT must not exist). Run it on two
-commits (`git worktree add`) and diff the outputs: equal lines mean the two codes compute the same numbers.
-All six strategies, GPT-2, Qwen2 and a BOS-adding Llama, two sizes, the grid and the report's protocol.
+Usage: PYTHONPATH=<checkout>/src:tests python scripts/sweep_fingerprint.py OUT (a new folder). Run it on two commits
+(`git worktree add`) and diff the outputs: equal lines mean the two codes compute the same numbers.
 """
 import hashlib
 import json

@@ -8,8 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import helpers
+from helpers import sweep as sweep_module
 from helpers.data import Corpus
 from helpers.sweep import (
     REPORT_STRATEGIES, Sweep, SweepSpec, choose_lr, code_hash, commit_results, main, plan_steps, run_path, subset,
@@ -61,6 +64,23 @@ def assert_same_numbers(a, b, where: str = "") -> None:
         assert b == pytest.approx(a, rel=1e-6), where
     else:
         assert a == b, where
+
+
+@contextmanager
+def killed_after(k: int):
+    """Raise KeyboardInterrupt, as a kill would, when the sweep next saves a result after saving k new files."""
+    write, new = sweep_module._write, []
+
+    def killing_write(path: Path, data: dict) -> None:
+        if path.name != "sweep.json":
+            if len(new) == k:
+                raise KeyboardInterrupt
+            if not path.exists():
+                new.append(path)
+        write(path, data)
+
+    with mock.patch.object(sweep_module, "_write", killing_write), pytest.raises(KeyboardInterrupt):
+        yield
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny runs, one torch thread
@@ -168,8 +188,8 @@ def test_a_killed_sweep_resumes_to_the_same_files(finished, tmp_path, stops):
     out = tmp_path / "out"
     done = 0
     for k in stops:
-        with pytest.raises(KeyboardInterrupt):
-            new_sweep(out).run_grid(stop_after=k)
+        with killed_after(k):
+            new_sweep(out).run_grid()
         done += k
         assert len(result_files(out, "runs")) == done
         if done <= len(SPEC.lrs):
@@ -188,8 +208,8 @@ def test_a_killed_sweep_resumes_to_the_same_files(finished, tmp_path, stops):
 
 def test_a_resumed_run_that_does_not_reproduce_its_record_is_refused(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):  # killed once the first cell's rates are tried, before its choice is final
-        new_sweep(out).run_grid(stop_after=len(SPEC.lrs))
+    with killed_after(len(SPEC.lrs)):  # killed once the first cell's rates are tried, before its choice is final
+        new_sweep(out).run_grid()
     for path in (out / "runs").rglob("*.json"):  # as if recorded on another machine, 1% away
         record = json.loads(path.read_text())
         path.write_text(json.dumps(record | {"best_val_loss": record["best_val_loss"] * 1.01}))
@@ -241,8 +261,8 @@ def test_report_draws_hold_the_four_strategies_and_their_improvement(finished):
 
 def test_report_resumes_to_the_same_draws(finished, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        new_sweep(out).run_report(stop_after=1)
+    with killed_after(1):
+        new_sweep(out).run_report()
     assert sorted(result_files(out, "report")) == ["report/draw-0.json"]
     saved = []
     assert new_sweep(out).run_report(on_saved=saved.append) == SPEC.report_draws - 1
@@ -456,8 +476,6 @@ def test_commit_results_commits_the_folder_and_tolerates_nothing_new(tmp_path, c
 
 
 def test_a_recorded_code_change_carries_a_sweep_over_only_along_its_chain(tmp_path, monkeypatch):
-    from helpers import sweep as sweep_module
-
     monkeypatch.setattr(sweep_module, "code_hash", lambda: "c")
     assert sweep_module.same_numbers_as("c", tmp_path) == ""
     assert sweep_module.same_numbers_as("a", tmp_path) is None  # nothing recorded

@@ -151,7 +151,9 @@ def test_a_rerun_reproduces_the_committed_run(folder):
     assert relative_gap(again["test_ppl"], kept["test_ppl"]) < 1e-6
     assert relative_gap(again["best_val_loss"], kept["best_val_loss"]) < 1e-6
     assert not list(Path(folder).rglob("*.tmp"))  # nothing written into the committed folder
-    with pytest.raises(ValueError, match="no final run"):
+    with pytest.raises(ValueError, match="no final run of lora at size 64 with seed 3"):
+        rerun("64", "lora", 3, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS)
+    with pytest.raises(ValueError, match="did not run strategy 'adapter_layers'"):
         rerun("64", "adapter_layers", 0, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS)
 
 

