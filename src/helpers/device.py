@@ -5,6 +5,7 @@ import ctypes
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,23 +14,22 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def get_device(prefer: str | torch.device | None = None) -> torch.device:
-    """Return `prefer` if given, else the best available device: CUDA, then MPS, then CPU (notebook 00)."""
-    if prefer is not None:
-        return torch.device(prefer)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def available_devices() -> list[torch.device]:
-    """Return every device this machine can run on, CPU last (notebook 00)."""
+    """Return every device this machine can run on: each GPU, then MPS, then the CPU (notebook 00)."""
     devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         devices.append(torch.device("mps"))
     return devices + [torch.device("cpu")]
+
+
+def get_device(prefer: str | torch.device | None = None) -> torch.device:
+    """Return `prefer` if given, else the best available device: CUDA, then MPS, then CPU (notebook 00)."""
+    # The type alone: "cuda" means the current GPU.
+    return torch.device(prefer if prefer is not None else available_devices()[0].type)
 
 
 def device_report() -> dict[str, object]:
@@ -43,7 +43,7 @@ def device_report() -> dict[str, object]:
         "cpu threads": torch.get_num_threads(),
         "cuda available": torch.cuda.is_available(),
         "cuda version (torch build)": torch.version.cuda,
-        "mps available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        "mps available": _mps_available(),
         "chosen device": str(get_device()),
         "freed CPU memory kept for reuse": _memory_kept,
     }
@@ -61,14 +61,11 @@ _memory_kept = False  # whether keep_freed_memory tuned malloc in this process; 
 
 
 def keep_freed_memory(threshold: int = 2**30) -> bool:
-    """Return True if glibc's malloc now keeps freed blocks below `threshold` bytes for reuse (called by setup).
+    """Return True if glibc's malloc now keeps freed blocks under `threshold` bytes (setup calls it, notebook 00).
 
-    PyTorch's CPU tensors come from malloc. By default glibc serves every block above 32 MiB with a fresh mmap
-    and hands it back to the system when freed, so each training step faults its logits, activations and
-    gradients into memory page by page again (`benchmarks/train_throughput.py` measures what that costs).
-    Raising the mmap and trim thresholds keeps that memory in the process for the next step; the price is that
-    the process's resident memory stays at its peak. Set TUTORIAL_MALLOC=system to keep glibc's defaults.
-    `helpers.setup()`, every notebook's first call, calls it; importing helpers does not.
+    glibc's default returns every freed block above 32 MiB to the system, so each training step faults its tensors
+    into memory again (`benchmarks/train_throughput.py` measures it). The price: the process keeps its peak memory.
+    TUTORIAL_MALLOC=system keeps glibc's defaults.
     """
     global _memory_kept
     if os.environ.get("TUTORIAL_MALLOC", "").lower() == "system" or platform.system() != "Linux":
@@ -91,53 +88,35 @@ def synchronize(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
-def matmul_gflops(
-    device: torch.device | str = "cpu",
-    *,
-    n: int = 1024,
-    dtype: torch.dtype = torch.float32,
-    seconds: float = 1.0,
-) -> float:
-    """Return the GFLOP/s of the fastest n x n matrix product run on `device` for `seconds` (notebook 00).
-
-    The fastest product, not the average: other work on the machine only ever adds time.
-    """
-    device = torch.device(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):  # warm-up: first calls pay for allocation and kernel selection
-        a @ b
-    synchronize(device)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while True:
-        start = time.perf_counter()
-        a @ b
+def _fastest(run: Callable[[], object], device: torch.device, *, repeats: int, seconds: float) -> float:
+    """Return the fastest time (s) of `run` over at least `repeats` runs and `seconds`, after a warm-up."""
+    run()  # the first call pays for allocation and kernel selection
+    # The fastest, not the average: other work on the machine only ever adds time.
+    best, runs, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while runs < repeats or time.perf_counter() < deadline:
         synchronize(device)
-        end = time.perf_counter()
-        best = min(best, end - start)
-        if end >= deadline:
-            break
-    return 2 * n**3 / best / 1e9
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        best, runs = min(best, time.perf_counter() - start), runs + 1
+    return best
 
 
-def training_matmuls(
-    model: torch.nn.Module,
-    *,
-    tokens: int,
-    device: torch.device | str = "cpu",
-    repeats: int = 3,
-    min_seconds: float = 0.25,
-    dtype: torch.dtype = torch.float32,
-) -> pd.DataFrame:
-    """Return, per shape of `model`'s nn.Linear layers, the fastest time of one step's products (notebook 00).
+def matmul_gflops(device: torch.device | str = "cpu", *, n: int = 1024, seconds: float = 1.0) -> float:
+    """Return the GFLOP/s of the fastest fp32 n x n matrix product run on `device` for `seconds` (notebook 00)."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=torch.float32)
+    b = torch.randn(n, n, device=device, dtype=torch.float32)
+    return 2 * n**3 / _fastest(lambda: a @ b, device, repeats=1, seconds=seconds) / 1e9
 
-    A training step multiplies by each weight W three times: the forward X @ W.T, the input gradient dY @ W
-    and the weight gradient dY.T @ X, each 2 * tokens * in * out FLOPs. We time the three on random matrices of
-    those shapes after one warm-up, at least `repeats` times and for at least `min_seconds` per shape, and keep
-    the fastest: other work on the machine only ever adds time. The sum of "seconds per step" is the time one
-    training step needs for these products alone, so `tokens` divided by it bounds the tokens/s a step can
-    reach. `model` may live on the meta device: only the layers' shapes are read. Attention's own products
-    (scores and their weighted sum) are not included.
+
+def training_matmuls(model: torch.nn.Module, *, tokens: int, device: torch.device | str = "cpu", repeats: int = 3,
+                     min_seconds: float = 0.25) -> pd.DataFrame:
+    """Return, per shape of `model`'s nn.Linear layers, the fastest time of one step's fp32 products (notebook 00).
+
+    A step multiplies by each weight W three times, 2 * tokens * in * out FLOPs each: X @ W.T forward, dY @ W and
+    dY.T @ X backward. `tokens` over the sum of "seconds per step" bounds a step's tokens/s (attention's own products
+    left out). `model` may live on the meta device: only shapes are read.
     """
     import pandas as pd  # imported here: `import helpers` stays fast
 
@@ -154,26 +133,14 @@ def training_matmuls(
     device = torch.device(device)
     rows = []
     for (n_in, n_out), names in groups.items():
-        x = torch.randn(tokens, n_in, device=device, dtype=dtype)
-        w = torch.randn(n_out, n_in, device=device, dtype=dtype)
-        dy = torch.randn(tokens, n_out, device=device, dtype=dtype)
-        x @ w.T, dy @ w, dy.T @ x  # warm-up: the first call pays for allocation and kernel selection
-        best, runs, deadline = float("inf"), 0, time.perf_counter() + min_seconds
-        while runs < repeats or time.perf_counter() < deadline:
-            synchronize(device)
-            start = time.perf_counter()
-            x @ w.T, dy @ w, dy.T @ x
-            synchronize(device)
-            best, runs = min(best, time.perf_counter() - start), runs + 1
+        x = torch.randn(tokens, n_in, device=device, dtype=torch.float32)
+        w = torch.randn(n_out, n_in, device=device, dtype=torch.float32)
+        dy = torch.randn(tokens, n_out, device=device, dtype=torch.float32)
+        best = _fastest(lambda: (x @ w.T, dy @ w, dy.T @ x), device, repeats=repeats, seconds=min_seconds)
         flops = 3 * 2 * tokens * n_in * n_out
-        rows.append({
-            "shape (in x out)": f"{n_in} x {n_out}",
-            # The layer's own name, without the path: "up_proj" stands for the up_proj of every block.
-            "layers": ", ".join(sorted({name.rsplit(".", 1)[-1] for name in names})),
-            "count": len(names),
-            "GFLOP per step": len(names) * flops / 1e9,
-            "seconds per step": len(names) * best,
-            "GFLOP/s": flops / best / 1e9,
-        })
+        # The layer's own name, without the path: "up_proj" stands for the up_proj of every block.
+        layers = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in names}))
+        rows.append({"shape (in x out)": f"{n_in} x {n_out}", "layers": layers, "count": len(names),
+                     "GFLOP per step": len(names) * flops / 1e9, "seconds per step": len(names) * best,
+                     "GFLOP/s": flops / best / 1e9})
     return pd.DataFrame(rows).set_index("shape (in x out)")
-

@@ -1,6 +1,7 @@
 """The KV cache: what it holds, the report's token-by-token "fix" and its cost, and where a cache belongs."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,16 +28,12 @@ def _device(model: PreTrainedModel) -> torch.device:
 def _check_inputs(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Return `input_ids` on the model's device after checking it is a [batch, seq] tensor for a decoder-only LM."""
     if getattr(model.config, "is_encoder_decoder", False):
-        raise TypeError(
-            f"{type(model).__name__} is an encoder-decoder model; these helpers take decoder-only causal LMs "
-            "(GPT-2, Qwen2, Llama, ...) loaded with AutoModelForCausalLM."
-        )
+        raise TypeError(f"{type(model).__name__} is an encoder-decoder model; these helpers take decoder-only causal "
+                        "LMs (GPT-2, Qwen2, Llama, ...) loaded with AutoModelForCausalLM.")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(
-            f"input_ids must be a non-empty [batch, seq] tensor of token ids; got {shape}. "
-            "Add the batch dimension with ids[None] (or ids.unsqueeze(0))."
-        )
+        raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor of token ids; got {shape}. "
+                         "Add the batch dimension with ids[None] (or ids.unsqueeze(0)).")
     return input_ids.to(_device(model))
 
 
@@ -47,12 +44,9 @@ def _positions(batch: int, begin: int, length: int, device: torch.device) -> tor
 # --- the two ways of computing logits -------------------------------------------------------------------------
 
 
-def logits_full_sequence(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def logits_full_sequence(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Return [batch, seq, vocab] logits from one causal forward over the whole sequence, no cache (notebook 02)."""
-    input_ids = _check_inputs(model, input_ids)
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return model(input_ids=_check_inputs(model, input_ids), use_cache=False).logits
 
 
 def logits_token_by_token(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
@@ -89,15 +83,15 @@ def fill_cache(model: PreTrainedModel, input_ids: torch.Tensor) -> DynamicCache:
 
 
 def _cache_layers(cache: DynamicCache) -> list:
-    """Return the cache's layers, each holding .keys and .values: the layout of transformers 5's DynamicCache."""
+    # Layers holding .keys and .values: the layout of transformers 5's DynamicCache.
     require("transformers", "~=5.24.0", "helpers.cache_nbytes and helpers.cache_table (they read DynamicCache.layers)")
     return cache.layers
 
 
 def cache_nbytes(cache: DynamicCache) -> int:
     """Return the bytes held by every key and value tensor of `cache` (notebook 02)."""
-    tensors = [t for layer in _cache_layers(cache) for t in (layer.keys, layer.values) if t is not None]
-    return sum(t.nelement() * t.element_size() for t in tensors)
+    layers = _cache_layers(cache)
+    return sum(t.nelement() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
 
 
 def cache_table(cache: DynamicCache) -> pd.DataFrame:
@@ -124,16 +118,15 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype = torch.floa
     return 2 * g["layers"] * g["kv heads"] * g["head dim"] * torch.empty((), dtype=dtype).element_size()
 
 
-def cache_growth(model: PreTrainedModel, lengths: list[int], *, batch: int = 1) -> pd.DataFrame:
+def cache_growth(model: PreTrainedModel, lengths: list[int]) -> pd.DataFrame:
     """Return, per sequence length, the measured cache bytes of a prefill and the formula's bytes (notebook 02)."""
-    dtype = next(model.parameters()).dtype
-    per_token = kv_bytes_per_token(model.config, dtype)
+    per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for n in lengths:
-        ids = torch.randint(model.config.get_text_config(decoder=True).vocab_size, (batch, n), generator=generator)
+        ids = torch.randint(model.config.get_text_config(decoder=True).vocab_size, (1, n), generator=generator)
         measured = cache_nbytes(fill_cache(model, ids))
-        rows.append({"tokens": n, "measured bytes": measured, "formula bytes": batch * n * per_token,
+        rows.append({"tokens": n, "measured bytes": measured, "formula bytes": n * per_token,
                      "MiB": round(measured / 2**20, 2)})
     return pd.DataFrame(rows).set_index("tokens")
 
@@ -144,10 +137,9 @@ def cache_growth(model: PreTrainedModel, lengths: list[int], *, batch: int = 1) 
 class StatefulLM:
     """A causal LM that keeps its KV cache between calls, as the report's candle Qwen2 model does (notebook 02).
 
-    `forward(input_ids, seqlen_offset)` follows candle's contract: the new tokens get positions
-    seqlen_offset, seqlen_offset + 1, ...; for more than one token it builds a causal mask of shape
-    [batch, 1, new, seqlen_offset + new] from the offset the caller gives, not from what the cache holds;
-    keys and values are appended to the cache until `clear_kv_cache()`.
+    `forward(input_ids, seqlen_offset)` follows candle: the new tokens get positions seqlen_offset, ...; for more than
+    one token the causal mask is [batch, 1, new, seqlen_offset + new], from the offset given, not from what the cache
+    holds; keys and values pile up in the cache until `clear_kv_cache()`.
     """
 
     def __init__(self, model: PreTrainedModel):
@@ -176,14 +168,9 @@ class StatefulLM:
             mask = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
             mask = mask.expand(batch, 1, *blocked.shape)
             self.last_mask_shape = list(mask.shape)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=_positions(batch, seqlen_offset, new, input_ids.device),
-            cache=self.cache,
-            use_cache=True,
-        )
-        return out.logits
+        positions = _positions(batch, seqlen_offset, new, input_ids.device)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                          use_cache=True).logits
 
     __call__ = forward
 
@@ -191,16 +178,13 @@ class StatefulLM:
 def logits_stale_cache(model: PreTrainedModel, input_ids: torch.Tensor, previous_ids: torch.Tensor) -> torch.Tensor:
     """Return [batch, seq, vocab] logits of `input_ids` with the cache of `previous_ids` never cleared (notebook 02).
 
-    The new tokens restart at position 0, as the report's `forward(&token, pos)` does, but attend to the
-    previous sequence's keys as well: the same numbers as feeding them one by one to a StatefulLM that
-    was not cleared, in a single forward.
+    The new tokens restart at position 0 but attend to the previous sequence's keys too: in one forward, what a
+    StatefulLM that was not cleared gives when fed them one by one, as the report's `forward(&token, pos)` does.
     """
     input_ids = _check_inputs(model, input_ids)
     if previous_ids.ndim != 2 or previous_ids.shape[0] != input_ids.shape[0]:
-        raise ValueError(
-            f"previous_ids must be [batch, seq] with the batch size of input_ids ({input_ids.shape[0]}); "
-            f"got {list(previous_ids.shape)}."
-        )
+        raise ValueError(f"previous_ids must be [batch, seq] with the batch size of input_ids ({input_ids.shape[0]}); "
+                         f"got {list(previous_ids.shape)}.")
     cache = fill_cache(model, previous_ids)
     batch, seq = input_ids.shape
     positions = _positions(batch, 0, seq, input_ids.device)
@@ -208,15 +192,12 @@ def logits_stale_cache(model: PreTrainedModel, input_ids: torch.Tensor, previous
 
 
 def logits_frozen_position(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """Return [batch, seq, vocab] logits token by token, fresh cache, every token at position 0 (notebook 02).
-
-    This is the report's loop with `pos` never advanced, computed in one forward (the cache makes the mask
-    causal, the position ids are all zero).
-    """
+    """Return [batch, seq, vocab] logits token by token, fresh cache, every token at position 0 (notebook 02)."""
     input_ids = _check_inputs(model, input_ids)
     batch, seq = input_ids.shape
     position_ids = torch.zeros(batch, seq, dtype=torch.long, device=input_ids.device)
-    # An empty cache, not None: without one, transformers reads all-zero positions as packed one-token sequences.
+    # The report's loop with `pos` never advanced, in one forward. An empty cache, not None: without one,
+    # transformers reads all-zero positions as packed one-token sequences.
     cache = DynamicCache(config=model.config)
     return model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True).logits
 
@@ -234,128 +215,100 @@ def next_token_perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> floa
 
 
 def _logits(model: PreTrainedModel, input_ids: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "full":
-        return logits_full_sequence(model, input_ids)
-    if mode == "token_by_token":
-        return logits_token_by_token(model, input_ids)
-    raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
-
-
-@contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[int]:
-    """Yield the intra-op threads in effect: `threads` inside the block, restored after (used by the timings of 02).
-
-    For timing on a machine that other programs also use: with as many threads as cores, every parallel operation
-    waits at its end for the thread that shares a core with another program, so a step slows down by an amount that
-    changes from run to run. One thread is never kept waiting that way.
-    """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive whole number of intra-op threads, or None to keep torch's "
-                         f"setting ({torch.get_num_threads()} here); got {threads!r}.")
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
+    return logits_full_sequence(model, input_ids) if mode == "full" else logits_token_by_token(model, input_ids)
 
 
 CLOCKS = ("wall", "cpu")
 """What a timing counts: wall-clock seconds, or the CPU seconds of the timing thread (one intra-op thread only)."""
 
 
-def _timer(clock: str, threads: int | None, device: torch.device) -> Callable[[], float]:
-    """Return the clock function for `clock` after checking that it can time work on `device` with `threads`."""
+@contextmanager
+def intra_op_threads(threads: int | None, clock: str = "wall",
+                     device: torch.device | None = None) -> Iterator[Callable[[], float]]:
+    """Run the block on `threads` torch intra-op threads (None: torch's setting) and yield `clock` (timings of 02).
+
+    On a shared machine each parallel operation waits for the thread that shares a core with another program, by an
+    amount that changes from run to run; one thread never waits. clock="cpu" leaves out time given to other programs.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive whole number of intra-op threads, or None to keep torch's "
+                         f"setting ({torch.get_num_threads()} here); got {threads!r}.")
     if clock not in CLOCKS:
         raise ValueError(f"Unknown clock {clock!r}; use one of {CLOCKS}.")
-    if clock == "wall":
-        return time.perf_counter
-    in_effect = threads if threads is not None else torch.get_num_threads()
-    if in_effect != 1:
+    in_effect = threads or torch.get_num_threads()
+    if clock == "cpu" and in_effect != 1:
         # With more threads the work is spread over threads this clock does not see.
         raise ValueError(f"clock='cpu' counts the CPU time of the calling thread only, so it needs threads=1; "
                          f"got {in_effect} threads. Pass threads=1, or use clock='wall'.")
-    if device.type != "cpu":
+    if clock == "cpu" and device is not None and device.type != "cpu":
         raise ValueError(f"clock='cpu' counts CPU seconds, but the model runs on {device}, whose work the CPU only "
                          "waits for; use clock='wall'.")
-    # On one thread, CPU-side PyTorch runs every operation, the autograd backward included, in the calling thread.
-    return time.thread_time
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        # On one thread, CPU-side PyTorch runs every operation, the autograd backward included, in the calling thread.
+        yield time.thread_time if clock == "cpu" else time.perf_counter
+    finally:
+        torch.set_num_threads(before)
 
 
 def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode: str, *, repeats: int = 1,
                           budget_s: float | None = None, threads: int | None = None, clock: str = "wall") -> float:
     """Return the fastest of `repeats` timings (s) of one step's forward + backward in `mode` (used by timing_sweep).
 
-    The minimum, not the mean or median: other work on a busy machine only ever adds time, so the fastest run is the
-    one closest to what the step itself costs. With `budget_s`, repeating stops once that many wall-clock seconds are
-    spent (after at least one run), so a slow mode is timed once and a fast one several times. With `threads`, torch
-    uses that many intra-op threads for the timing and its own setting again afterwards (see `intra_op_threads`).
-    `clock="cpu"` (with `threads=1`) counts the CPU seconds the step itself used, so time the machine gives to
-    other programs is left out, not only reduced by taking the minimum.
+    The fastest, because other work only ever adds time. Repeating stops after `budget_s` wall-clock seconds (and at
+    least one run), so a slow mode is timed once. `threads` and `clock`: see `intra_op_threads`.
     """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
-    device = _device(model)
-    now = _timer(clock, threads, device)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("The model has no trainable parameters, so there is no backward pass to time; "
                          "set requires_grad.")
     input_ids = _check_inputs(model, input_ids)
-    was_training = model.training
-    model.train()
-    times: list[float] = []
-    spent = 0.0
-    try:
-        with intra_op_threads(threads):
+    device = input_ids.device
+    with intra_op_threads(threads, clock, device) as now:
+        was_training = model.training
+        model.train()
+        times: list[float] = []
+        deadline = time.perf_counter() + (math.inf if budget_s is None else budget_s)
+        try:
             for _ in range(repeats):
-                if budget_s is not None and times and spent >= budget_s:
+                if times and time.perf_counter() >= deadline:
                     break
                 model.zero_grad(set_to_none=True)
                 synchronize(device)
-                wall, start = time.perf_counter(), now()
+                start = now()
                 logits = _logits(model, input_ids, mode)
                 F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()).backward()
                 synchronize(device)
                 times.append(now() - start)
-                spent += time.perf_counter() - wall
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
     return min(times)
 
 
-def timing_sweep(
-    model: PreTrainedModel,
-    lengths: list[int] = (16, 32, 64, 128, 256),
-    *,
-    repeats: int = 3,
-    token_repeats: int = 1,
-    token_budget_s: float | None = None,
-    batch: int = 1,
-    threads: int | None = None,
-    clock: str = "wall",
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Return forward + backward seconds per sequence length for both modes, and their ratio (notebook 02).
+def timing_sweep(model: PreTrainedModel, lengths: list[int] = (16, 32, 64, 128, 256), *, repeats: int = 3,
+                 token_repeats: int = 1, token_budget_s: float | None = None, threads: int | None = None,
+                 clock: str = "wall", progress: bool = True) -> pd.DataFrame:
+    """Return forward + backward seconds per sequence length (batch 1) for both modes, and their ratio (notebook 02).
 
-    Each is the fastest of its repeats (`repeats` full passes; up to `token_repeats` loops, within `token_budget_s`
-    wall-clock seconds). With `threads`, every timing runs on that many torch intra-op threads, and torch's setting
-    is restored after; `clock` is "wall" or, with threads=1, "cpu" (see `time_forward_backward`).
+    Each is the fastest of `repeats` full passes, or of up to `token_repeats` loops within `token_budget_s` seconds;
+    every timing, warm-ups included, runs with `threads` and `clock` (see `intra_op_threads`).
     """
-    _timer(clock, threads, _device(model))  # a bad clock fails now, not after the warm-up
     vocab = model.config.get_text_config(decoder=True).vocab_size
     generator = torch.Generator().manual_seed(0)
     rows = []
-    with intra_op_threads(threads):
+    with intra_op_threads(threads, clock, _device(model)):  # a bad clock fails now, not after the warm-up
         # The first passes pay for allocations and kernel selection; keep them out of the table.
-        time_forward_backward(model, torch.randint(vocab, (batch, min(lengths)), generator=generator), "full")
-        time_forward_backward(model, torch.randint(vocab, (batch, 4), generator=generator), "token_by_token")
+        time_forward_backward(model, torch.randint(vocab, (1, min(lengths)), generator=generator), "full")
+        time_forward_backward(model, torch.randint(vocab, (1, 4), generator=generator), "token_by_token")
         for n in tqdm(list(lengths), desc="T", disable=not progress, leave=False):
-            ids = torch.randint(vocab, (batch, n), generator=generator)
-            full = time_forward_backward(model, ids, "full", repeats=repeats, clock=clock, threads=threads)
+            ids = torch.randint(vocab, (1, n), generator=generator)
+            full = time_forward_backward(model, ids, "full", repeats=repeats, clock=clock)
             token = time_forward_backward(model, ids, "token_by_token", repeats=token_repeats, budget_s=token_budget_s,
-                                          clock=clock, threads=threads)
+                                          clock=clock)
             rows.append({"T": n, "full (s)": full, "token by token (s)": token, "ratio": token / full})
     return pd.DataFrame(rows).set_index("T")
 
@@ -366,52 +319,35 @@ def timing_sweep(
 @torch.no_grad()
 def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *, use_cache: bool,
                     clock: str = "wall") -> tuple[torch.Tensor, float]:
-    """Return (prompt + exactly `new_tokens` greedy ids, seconds), with or without cache (used by generation_speed).
-
-    `clock` is "wall", or "cpu" for the CPU seconds of the calling thread when torch runs on one thread.
-    """
+    """Return (prompt + exactly `new_tokens` greedy ids, seconds), with or without cache (used by generation_speed)."""
     input_ids = _check_inputs(model, input_ids)
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be at least 1; got {new_tokens}.")
-    now = _timer(clock, None, _device(model))
     eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
-    device = _device(model)
-    synchronize(device)
-    start = now()
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,  # EOS must not end one run earlier than the other
-        do_sample=False,
-        use_cache=use_cache,
-        pad_token_id=pad,
-    )
-    synchronize(device)
-    return out, now() - start
+    device = input_ids.device
+    with intra_op_threads(None, clock, device) as now:
+        synchronize(device)
+        start = now()
+        # min_new_tokens: EOS must not end one run earlier than the other.
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=pad)
+        synchronize(device)
+        seconds = now() - start
+    return out, seconds
 
 
 def generation_speed(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int = 200, *,
                      threads: int | None = None, clock: str = "wall") -> dict[str, object]:
     """Return greedy generation with and without the cache: ids, whether identical, tokens/s, speed-up (notebook 02).
 
-    With `threads`, both runs use that many torch intra-op threads (see `intra_op_threads`), restored after;
-    `clock` is "wall" or, with threads=1, "cpu" (see `time_forward_backward`).
+    Both runs, and a short warm-up, use `threads` and `clock` (see `intra_op_threads`).
     """
-    _timer(clock, threads, _device(model))
-    with intra_op_threads(threads):
-        # One short run first, so neither timed run pays the first-call costs.
+    with intra_op_threads(threads, clock, _device(model)):
         greedy_generate(model, input_ids, 2, use_cache=True)
         cached, t_cached = greedy_generate(model, input_ids, new_tokens, use_cache=True, clock=clock)
         uncached, t_uncached = greedy_generate(model, input_ids, new_tokens, use_cache=False, clock=clock)
-    return {
-        "new tokens": new_tokens,
-        "identical": bool(torch.equal(cached, uncached)),
-        "cached ids": cached,
-        "uncached ids": uncached,
-        "cached tokens/s": new_tokens / t_cached,
-        "uncached tokens/s": new_tokens / t_uncached,
-        "speed-up": t_uncached / t_cached,
-    }
+    return {"new tokens": new_tokens, "identical": bool(torch.equal(cached, uncached)), "cached ids": cached,
+            "uncached ids": uncached, "cached tokens/s": new_tokens / t_cached,
+            "uncached tokens/s": new_tokens / t_uncached, "speed-up": t_uncached / t_cached}

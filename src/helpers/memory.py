@@ -5,17 +5,14 @@ import pandas as pd
 from transformers import PretrainedConfig
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16-autocast": 2}
-"""Bytes per activation value for each precision. 'bf16-autocast' is mixed precision: fp32 weights, gradients and
-optimizer states, bf16 activations (torch.autocast); 'bf16' and 'fp16' keep the weights themselves in 16 bits."""
+"""Bytes per activation value. 'bf16-autocast' (torch.autocast) keeps fp32 weights, gradients and optimizer states."""
 
 CUDA_CONTEXT_GIB: tuple[float, float] = (0.25, 0.5)
-"""A typical range, in GiB, for the GPU memory a process's CUDA context takes before its first tensor.
+"""A typical range, in GiB, of the GPU memory a process's CUDA context (driver state, loaded kernels) takes.
 
-Not a measurement: PyTorch's maintainers quote about 300 MB (pytorch/pytorch#107667) and around 400 MB
-(pytorch/pytorch#109888) for CUDA 11.7 and later, where kernels load lazily, and over 1 GB before; the range
-rounds those outward.
-The context holds the driver's state and the loaded kernels, so it varies with the driver, the card and the
-libraries the program loads.
+Not a measurement: PyTorch's maintainers quote about 300 MB (pytorch/pytorch#107667) and 400 MB (#109888) for
+CUDA 11.7 and later, which load kernels lazily (over 1 GB before); the range rounds those outward. It varies with
+the driver, the card and the libraries loaded.
 """
 
 
@@ -23,10 +20,9 @@ def activation_bytes(config: PretrainedConfig, *, batch: int, seq: int, precisio
                      checkpointing: bool = False) -> int:
     """Return an estimate of the activations kept for backward, in bytes (used by training_memory, notebook 00).
 
-    Per block, Korthikanti et al. (2022) count about 34*s*b*h + 5*a*s^2*b bytes in 16-bit;
-    we scale that by the element size and add the logits and their gradient (2*b*s*V values). With gradient
-    checkpointing each block keeps only its input (s*b*h values) and one block's activations exist at a time, while
-    backward recomputes them.
+    Per block, Korthikanti et al. (2022) count about 34*s*b*h + 5*a*s^2*b bytes in 16-bit, scaled here by the element
+    size; the logits and their gradient add 2*b*s*V values. With gradient checkpointing each block keeps only its
+    input (s*b*h values), and backward recomputes one block's activations at a time.
     """
     size = _BYTES[precision]
     h, a, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
@@ -37,34 +33,21 @@ def activation_bytes(config: PretrainedConfig, *, batch: int, seq: int, precisio
     return int(layers * per_block + logits)
 
 
-def training_memory(
-    n_params: int,
-    config: PretrainedConfig | None = None,
-    *,
-    trainable: int | None = None,
-    batch: int = 1,
-    seq: int = 512,
-    precision: str = "fp32",
-    checkpointing: bool = False,
-    cuda_context: float = 0.0,
-    step_temporaries: int = 0,
-) -> pd.Series:
+def training_memory(n_params: int, config: PretrainedConfig | None = None, *, trainable: int | None = None,
+                    batch: int = 1, seq: int = 512, precision: str = "fp32", checkpointing: bool = False,
+                    cuda_context: float = 0.0, step_temporaries: int = 0) -> pd.Series:
     """Return GiB for weights, gradients, AdamW states, activations and their total (written out in notebook 00).
 
-    `precision` is one of _BYTES: 'fp32'; 'bf16'/'fp16', weights and gradients in 16 bits; 'bf16-autocast', mixed
-    precision, which keeps fp32 weights and adds a row for the bf16 copies autocast holds. `checkpointing` stores
-    only each block's input for the backward pass (activation_bytes).
-    Two optional rows model what the first four leave out on a GPU; each appears only when it is not zero:
-    `cuda_context`, in GiB (see `CUDA_CONTEXT_GIB` for a typical range), and `step_temporaries`, the number of
-    values the optimizer step allocates on top of its states while it updates a tensor (it depends on the
-    optimizer's implementation; an unfused AdamW holds several copies of the tensor it updates).
+    `precision`: 'fp32'; 'bf16'/'fp16', weights and gradients in 16 bits; 'bf16-autocast', fp32 weights plus a row for
+    the bf16 copies autocast holds. Two rows appear only when not zero: `cuda_context` in GiB (`CUDA_CONTEXT_GIB`),
+    and `step_temporaries`, the values the optimizer step allocates beyond its states while it updates a tensor (an
+    unfused AdamW holds several copies of the tensor it updates).
     """
     if precision not in _BYTES:
         raise ValueError(f"Unknown precision {precision!r}; use one of {sorted(_BYTES)}.")
     if cuda_context < 0 or step_temporaries < 0:
-        raise ValueError(
-            f"cuda_context ({cuda_context}) and step_temporaries ({step_temporaries}) are sizes; pass 0 or more."
-        )
+        raise ValueError(f"cuda_context ({cuda_context}) and step_temporaries ({step_temporaries}) are sizes; "
+                         "pass 0 or more.")
     trainable = n_params if trainable is None else trainable
     autocast = precision == "bf16-autocast"
     size = 4 if autocast else _BYTES[precision]

@@ -5,15 +5,15 @@ import math
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 
 def new_figure(width: float = 6.5, height: float = 3.8) -> Figure:
     """Return an empty figure a notebook draws once, when returned or displayed (used by the figures of 01, 08, 09)."""
-    # Made through pyplot so that Jupyter's inline backend gets loaded and registers its PNG formatter: a bare
-    # Figure() in a kernel where pyplot never drew shows up as "<Figure size ...>" text. Closed at once, so the
-    # backend does not draw it a second time at the end of the cell, and redrawn widgets do not pile up figures.
+    # Through pyplot, so that Jupyter's inline backend loads and registers its PNG formatter (a bare Figure() shows
+    # as "<Figure size ...>" text); closed at once, so the backend does not draw it again at the end of the cell.
     fig = plt.figure(figsize=(width, height))
     plt.close(fig)
     return fig
@@ -32,19 +32,17 @@ def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None
     ax.set_yticks(list(y), parts, fontsize=7 if len(parts) > 16 else 9)
     partly = (table["trainable"] > 0) & (table["trainable"] < table["parameters"])
     if (partly & (table["trainable"] < 0.02 * table["parameters"].max())).any():
-        # A partly trained part whose trainable bar is under 2 % of the axis (LoRA's adapters: 0.16 M of a 3.6 M
-        # block, beside a 28 M embedding) is a pixel or two wide on a linear axis and looks frozen; on a log axis
-        # each decade gets the same width, so both bars can be read.
+        # A partly trained part under 2 % of the axis (LoRA: 0.16 M of a 3.6 M block, beside a 28 M embedding) is a
+        # pixel or two wide on a linear axis and looks frozen; on a log axis each decade gets the same width.
         ax.set_xscale("log")
         smallest = min(v for v in list(millions_total) + list(millions_trainable) if v > 0)
         ax.set_xlim(smallest / 3, millions_total.max() * 8)
         ax.set_xlabel("parameters (millions, log scale)")
         # A log axis shrinks the gap between the bars, so each partly trained part also states its share.
-        for i, (part, total) in enumerate(zip(partly, millions_total)):
-            if part:
-                share = table["trainable"].iloc[i] / table["parameters"].iloc[i]
-                ax.annotate(f"{share:.1%}", (total, i), xytext=(3, 0), textcoords="offset points", va="center",
-                            fontsize=7 if len(parts) > 16 else 8, color="#2b8cbe")
+        for i in np.flatnonzero(partly):
+            share = table["trainable"].iloc[i] / table["parameters"].iloc[i]
+            ax.annotate(f"{share:.1%}", (millions_total.iloc[i], i), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=7 if len(parts) > 16 else 8, color="#2b8cbe")
     else:
         ax.set_xlabel("parameters (millions)")
     if "note" in table:
@@ -62,11 +60,10 @@ def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None
     return ax.figure
 
 
-def plot_history(history: pd.DataFrame | dict[str, pd.DataFrame], *, title: str | None = None, ax=None) -> Figure:
+def plot_history(history: pd.DataFrame | dict[str, pd.DataFrame], *, title: str | None = None) -> Figure:
     """Return a figure of training (lines) and validation loss (markers) against tokens seen (notebook 03)."""
     runs = history if isinstance(history, dict) else {"": history}
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.8))
+    _, ax = plt.subplots(figsize=(6.5, 3.8))
     for i, (name, frame) in enumerate(runs.items()):
         color = f"C{i}"
         label = f"{name} " if name else ""
@@ -76,7 +73,7 @@ def plot_history(history: pd.DataFrame | dict[str, pd.DataFrame], *, title: str 
         ax.plot(checked["tokens"], checked["val_loss"], "o--", color=color, label=f"{label}validation loss")
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("next-token loss (nats)")
-    right = ax.secondary_yaxis("right", functions=(lambda v: _exp(v), lambda p: _log(p)))
+    right = ax.secondary_yaxis("right", functions=(_exp, _log))
     right.set_ylabel("perplexity")
     ax.set_title(title or "loss while training")
     ax.legend(fontsize=8)
@@ -85,14 +82,10 @@ def plot_history(history: pd.DataFrame | dict[str, pd.DataFrame], *, title: str 
 
 
 def _exp(v):
-    import numpy as np
-
     return np.exp(np.clip(v, -50, 50))
 
 
 def _log(p):
-    import numpy as np
-
     return np.log(np.clip(p, math.exp(-50), None))
 
 
@@ -101,18 +94,16 @@ def plot_timing(table: pd.DataFrame) -> Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(table.index, table["full (s)"], "o-", label="full sequence (one forward)")
     left.plot(table.index, table["token by token (s)"], "s-", label="token by token (T forwards)")
-    left.set_xscale("log", base=2)
     left.set_yscale("log")
-    left.set_xlabel("sequence length T (tokens)")
     left.set_ylabel("forward + backward (s)")
-    left.set_xticks(list(table.index), [str(t) for t in table.index])
     left.legend(fontsize=8)
     right.plot(table.index, table["ratio"], "o-", color="C3")
-    right.set_xscale("log", base=2)
-    right.set_xticks(list(table.index), [str(t) for t in table.index])
-    right.set_xlabel("sequence length T (tokens)")
     right.set_ylabel("token by token / full sequence")
     right.axhline(1, color="grey", lw=0.8)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(table.index), [str(t) for t in table.index])
+        ax.set_xlabel("sequence length T (tokens)")
     fig.tight_layout()
     return fig
 
@@ -122,9 +113,8 @@ _CONTEXT, _SCORED, _PREFIX = "#cfcfcf", "#2b8cbe", "#f4a259"
 _MAX_WINDOW_TOKENS = 200
 
 
-def plot_windows(
-    n_tokens: int, block_size: int, strides: Sequence[int | None] = (None,), *, n_prefix: int = 0
-) -> Figure:
+def plot_windows(n_tokens: int, block_size: int, strides: Sequence[int | None] = (None,), *,
+                 n_prefix: int = 0) -> Figure:
     """Return a panel per stride of perplexity's windows: the tokens each feeds as context and scores (notebook 01)."""
     from .evaluation import windows
 

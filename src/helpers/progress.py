@@ -1,9 +1,8 @@
 """Progress bars that read well live and in a saved notebook: `tqdm`, a drop-in for `tqdm.auto.tqdm`.
 
-In JupyterLab, `tqdm.auto` draws a widget. A saved notebook cannot store a widget's state, so a code host shows the
-text the widget was *created* with, `0%|          | 0/50`, forever. Here the bar is displayed through a display handle
-and, when it closes, replaced by plain text: its final line if `leave=True` (the default), nothing if `leave=False`.
-In a terminal this is tqdm's ordinary text bar.
+A saved notebook cannot store a widget's state, so a code host shows a `tqdm.auto` bar as the text it was created
+with, `0%|          | 0/50`, forever. Here the bar, when it closes, is replaced by plain text: its final line if
+`leave=True` (the default), nothing if `leave=False`. In a terminal this is tqdm's ordinary text bar.
 """
 from __future__ import annotations
 
