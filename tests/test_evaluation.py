@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from helpers.evaluation import windows
+from helpers.evaluation import next_token_nll, windows
 
 
 def reference_nll(model, ids, block_size, stride, prefix=()):
@@ -28,6 +28,18 @@ def reference_nll(model, ids, block_size, stride, prefix=()):
         if end == ids.numel():
             break
     return total, count
+
+
+def test_next_token_nll_sums_the_scored_targets_only():
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    targets[0, :2] = -100
+    logp = F.log_softmax(logits.double(), dim=-1)
+    expected = -sum(logp[b, t, targets[b, t]].item() for b in range(2) for t in range(5) if targets[b, t] != -100)
+    assert next_token_nll(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+    per_target = next_token_nll(logits, targets, reduction="none")
+    assert per_target.shape == (10,) and per_target[:2].eq(0).all()
+    assert per_target.sum().item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("stride", [None, 8])

@@ -20,9 +20,9 @@ SUBMODULES_ONLY = {
 """Modules none of whose names `helpers.<name>` gives: the commands and the tooling, reached as `helpers.compare.x`."""
 
 NOT_AT_TOP = {
-    "data": {"as_list", "default_corpus_path", "deterministic_split"},
+    "data": {"default_corpus_path", "deterministic_split"},
     "device": {"synchronize"},
-    "evaluation": {"windows"},
+    "evaluation": {"next_token_nll", "windows"},
     "experiment": {"check_context", "history_records"},
     "kv_cache": {"intra_op_threads"},
     "lora": {"lora", "lora_parameter_table"},  # the strategy itself is reached by name, through apply_strategy
@@ -30,7 +30,7 @@ NOT_AT_TOP = {
     "models": {"default_gguf_path", "resolve_model"},
     "plotting": {"new_figure"},
     "strategies": {"adapter_layers", "freeze_embeddings", "freeze_lower_layers", "full_fine_tuning", "unwrap"},
-    "training": {"batch_size_tokens", "evaluate_loss", "lr_factor", "trained_state"},
+    "training": {"evaluate_loss", "lr_factor", "trained_state"},
     "unfreezing": {"gradual_unfreezing"},
 }
 """Public functions and classes of the listed modules that stay at `helpers.<module>.<name>` on purpose."""

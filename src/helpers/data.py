@@ -15,7 +15,7 @@ _SUFFIXES = {".txt", ".md"}
 
 
 def default_corpus_path() -> Path:
-    """Return the folder of the bundled Rust-concepts corpus, data/rust_concepts (read in notebook 01)."""
+    """Return the folder of the bundled Rust-concepts corpus, data/rust_concepts (notebook 01)."""
     return Path(__file__).resolve().parents[2] / "data" / "rust_concepts"
 
 
@@ -44,17 +44,14 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def deterministic_split(names: list[str], *, fractions: tuple[float, float] = (0.8, 0.1)) -> dict[str, list[str]]:
-    """Return file names split into train/validation/test by a hash of each name, stable as files are added.
-
-    Used by `load_corpus` (notebook 01) when the corpus has no splits.json.
-    """
+def deterministic_split(names: list[str]) -> dict[str, list[str]]:
+    """Return file names split 80/10/10 into train/validation/test by a hash of each name (load_corpus, notebook 01)."""
     if len(names) < 3:
         raise ValueError("A corpus needs at least 3 documents to split into train/validation/test; "
                          f"found {len(names)}.")
     ordered = sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
-    n_val = max(1, round(len(ordered) * fractions[1]))
-    n_test = max(1, len(ordered) - round(len(ordered) * fractions[0]) - n_val)
+    n_val = max(1, round(len(ordered) * 0.1))
+    n_test = max(1, len(ordered) - round(len(ordered) * 0.8) - n_val)
     n_train = len(ordered) - n_val - n_test
     return {
         "train": sorted(ordered[:n_train]),
@@ -95,14 +92,6 @@ def load_corpus(path: str | Path | None = None) -> Corpus:
     return Corpus(*[[texts[n] for n in splits[s]] for s in SPLITS], names={s: list(splits[s]) for s in SPLITS})
 
 
-def as_list(texts: str | list[str]) -> list[str]:
-    """Return `texts` as a list of documents, rejecting an empty input (used by `tokenize`)."""
-    docs = [texts] if isinstance(texts, str) else list(texts)
-    if not docs or not any(d.strip() for d in docs):
-        raise ValueError("No text given: pass a non-empty string or list of documents.")
-    return docs
-
-
 DOCUMENT_SEPARATOR = "\n\n"
 """What joins documents into one text: a blank line, as the transformers perplexity guide joins its test set."""
 
@@ -110,18 +99,10 @@ DOCUMENT_SEPARATOR = "\n\n"
 def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Return the special-token ids the tokenizer puts before every text, [BOS] or nothing (written out in notebook 01).
 
-    Llama-2/3, Gemma and Mistral tokenizers add a BOS token; GPT-2, Qwen2 and SmolLM2 add nothing. This is the one
-    rule every helper follows, in evaluation and in training alike:
-
-    * the text is tokenized *without* special tokens, its documents joined by DOCUMENT_SEPARATOR (plain text: an
-      instruct model's turn-end token such as ``<|im_end|>`` is a chat control, not a document separator, and is never
-      fed, scored or trained on);
-    * every window or training block the model reads starts with this prefix, as the model saw in pre-training; the
-      prefix is context only, never a target;
-    * special tokens the tokenizer would append (a default EOS) are left out: they are not part of the text.
-
-    So for a text that fits one window, ``helpers.perplexity`` equals ``exp(model(ids, labels=ids).loss)`` with
-    ``ids = tokenizer(text).input_ids`` (the tokenizer's defaults), as long as the tokenizer appends nothing.
+    Llama-2/3, Gemma and Mistral tokenizers add a BOS; GPT-2, Qwen2 and SmolLM2 nothing. The one rule of every helper,
+    in evaluation and training alike: the text is tokenized without special tokens (no chat turn-end such as
+    ``<|im_end|>``, no appended EOS), documents joined by DOCUMENT_SEPARATOR, and every window or block starts with
+    this prefix as unscored context, as in pre-training.
     """
     probe = "a b"
     with_special = list(tokenizer(probe)["input_ids"])
@@ -136,7 +117,9 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: str | list[str]) -> torch.Tensor:
     """Return the 1-D token ids of `texts`, documents joined by a blank line, no special tokens (notebook 01)."""
-    docs = as_list(texts)
+    docs = [texts] if isinstance(texts, str) else list(texts)
+    if not any(d.strip() for d in docs):
+        raise ValueError("No text given: pass a non-empty string or list of documents.")
     # verbose=False: the whole corpus is longer than a model's window on purpose; it is cut into windows later.
     ids = tokenizer(DOCUMENT_SEPARATOR.join(docs), add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
@@ -152,25 +135,16 @@ def make_blocks(ids: torch.Tensor, block_size: int, prefix: list[int] | tuple[in
         )
     n = ids.numel() // n_text
     if n == 0:
-        raise ValueError(
-            f"The text has {ids.numel()} tokens, fewer than one block of {block_size}. "
-            "Use a smaller block_size or more text."
-        )
+        raise ValueError(f"The text has {ids.numel()} tokens, fewer than one block of {block_size}. "
+                         "Use a smaller block_size or more text.")
     blocks = ids[: n * n_text].view(n, n_text)
     if prefix:
         blocks = torch.cat([torch.tensor(list(prefix), dtype=ids.dtype).expand(n, -1), blocks], dim=1)
     return blocks
 
 
-def make_dataloader(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: str | list[str],
-    *,
-    block_size: int = 128,
-    batch_size: int = 4,
-    shuffle: bool = True,
-    seed: int = 0,
-) -> DataLoader:
+def make_dataloader(tokenizer: PreTrainedTokenizerBase, texts: str | list[str], *, block_size: int = 128,
+                    batch_size: int = 4, shuffle: bool = True, seed: int = 0) -> DataLoader:
     """Return a DataLoader of [batch, block_size] blocks of `texts`, each led by the special prefix (notebook 03)."""
     blocks = make_blocks(tokenize(tokenizer, texts), block_size, special_prefix(tokenizer))
     generator = torch.Generator().manual_seed(seed)

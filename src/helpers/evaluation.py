@@ -15,11 +15,9 @@ def windows(n_tokens: int, block_size: int, stride: int | None = None, *,
             n_prefix: int = 0) -> list[tuple[int, int, int]]:
     """Return (begin, end, n_context) per window of text tokens, the first n_context context only (notebook 01).
 
-    Each window holds block_size tokens: an `n_prefix`-token special prefix (a BOS, see `special_prefix`), then up to
-    block_size - n_prefix text tokens. With the default stride the windows do not overlap; without a prefix the first
-    token of each window has nothing to be predicted from, with one it is predicted from the BOS. A smaller stride
-    re-feeds block_size - n_prefix - stride tokens of context so each scored token sees more history (the sliding
-    window of the transformers perplexity guide).
+    Each window holds block_size tokens: the `n_prefix`-token special prefix (a BOS), then text. A stride below
+    block_size - n_prefix re-feeds the tokens already scored as context (the sliding window of the transformers
+    perplexity guide).
     """
     span_len = block_size - n_prefix
     if block_size < 2 or span_len < 1:
@@ -41,26 +39,26 @@ def windows(n_tokens: int, block_size: int, stride: int | None = None, *,
     return spans
 
 
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Return the NLL in nats of `targets` under `logits`, summed: the one loss every score uses (notebook 01).
+
+    logits[..., i, :] predicts targets[..., i], so the caller shifts by one (logits[:, :-1] against ids[:, 1:]); a
+    target of -100 is not scored. Perplexity is exp(NLL / scored targets); reduction="none" keeps one NLL per target.
+    """
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction=reduction)
+
+
 @torch.no_grad()
-def token_nll(
-    model: PreTrainedModel,
-    ids: torch.Tensor,
-    *,
-    block_size: int = 256,
-    stride: int | None = None,
-    batch_size: int = 8,
-    prefix: list[int] | tuple[int, ...] = (),
-    progress: bool | None = None,
-) -> tuple[float, int]:
+def token_nll(model: PreTrainedModel, ids: torch.Tensor, *, block_size: int = 256, stride: int | None = None,
+              batch_size: int = 8, prefix: list[int] | tuple[int, ...] = (),
+              progress: bool | None = None) -> tuple[float, int]:
     """Return (summed NLL in nats, number of predicted tokens) over the 1-D text `ids`: the one scorer (notebook 01).
 
     Every window is fed as `prefix` + text tokens (see `windows`); the prefix is context and never scored.
     """
     if ids.numel() + len(prefix) < 2:
-        raise ValueError(
-            f"Perplexity needs at least 2 tokens (one input, one target); the text has {ids.numel()} "
-            f"and the tokenizer's prefix {len(prefix)}. Pass a longer text."
-        )
+        raise ValueError(f"Perplexity needs at least 2 tokens (one input, one target); the text has {ids.numel()} "
+                         f"and the tokenizer's prefix {len(prefix)}. Pass a longer text.")
     device = next(model.parameters()).device
     n_prefix = len(prefix)
     spans = windows(ids.numel(), block_size, stride, n_prefix=n_prefix)
@@ -76,28 +74,20 @@ def token_nll(
     total_nll, total_tokens = 0.0, 0
     for batch in tqdm(batches, desc="perplexity", disable=not show, leave=False):
         x = torch.stack([torch.cat([head, ids[b:e]]) for b, e, _ in batch]).to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
+        logits = model(input_ids=x, use_cache=False).logits
         targets = x[:, 1:].clone()
         for row, (_, _, n_context) in enumerate(batch):
             # Target j is the token at fed position j+1: the prefix and the re-fed context are not scored.
             targets[row, : max(n_prefix + n_context - 1, 0)] = -100
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
+        total_nll += next_token_nll(logits[:, :-1], targets).item()
         total_tokens += int((targets != -100).sum())
     model.train(was_training)
     return total_nll, total_tokens
 
 
-def perplexity(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: str | list[str],
-    *,
-    block_size: int = 256,
-    stride: int | None = None,
-    batch_size: int = 8,
-    progress: bool | None = None,
-) -> float:
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: str | list[str], *,
+               block_size: int = 256, stride: int | None = None, batch_size: int = 8,
+               progress: bool | None = None) -> float:
     """Return exp of the token-weighted mean NLL of the text tokens of `texts` (written out in notebook 01).
 
     The text is read as the model was trained to read it (see `helpers.data.special_prefix`): documents joined by a
@@ -109,14 +99,8 @@ def perplexity(
 
 
 @torch.no_grad()
-def window_perplexities(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: str | list[str],
-    *,
-    block_size: int = 8,
-    batch_size: int = 64,
-) -> torch.Tensor:
+def window_perplexities(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: str | list[str], *,
+                        block_size: int = 8, batch_size: int = 64) -> torch.Tensor:
     """Return the perplexity of every non-overlapping `block_size`-token window of `texts` (notebook 01)."""
     prefix = special_prefix(tokenizer)
     blocks = make_blocks(tokenize(tokenizer, texts), block_size, prefix)
@@ -128,25 +112,16 @@ def window_perplexities(
     values = []
     for x in blocks.split(batch_size):
         x = x.to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, start - 1 : -1].transpose(1, 2), x[:, start:], reduction="none")
+        logits = model(input_ids=x, use_cache=False).logits
+        nll = next_token_nll(logits[:, start - 1 : -1], x[:, start:], reduction="none").view(len(x), -1)
         values.append(nll.mean(dim=1).exp().cpu())
     model.train(was_training)
     return torch.cat(values)
 
 
 @torch.no_grad()
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    *,
-    max_new_tokens: int = 60,
-    greedy: bool = True,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    seed: int = 0,
-) -> str:
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_new_tokens: int = 60,
+             greedy: bool = True, temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> str:
     """Return the text the model writes after `prompt`, greedy or seeded nucleus sampling (notebook 01)."""
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)

@@ -1,9 +1,7 @@
 """Adaptations for the model families the tutorial never runs: the one module the teaching core consults about them.
 
-strategies.py, lora.py and kv_cache.py are written for GPT-2, Qwen2 and Llama. Where another transformers family
-builds its model differently, the core calls one function here, at the point where it would otherwise branch; the
-comment on each names the families that need it. tests/test_families.py builds every causal-LM family of the
-installed transformers tiny and checks them all (the results: docs/families.md).
+strategies.py, lora.py and kv_cache.py are written for GPT-2, Qwen2 and Llama; where another family differs, they
+call one function here, whose comment names the families that need it (checked by tests/test_families.py).
 """
 from __future__ import annotations
 
@@ -27,9 +25,8 @@ def text_config(config: object) -> object:
 
 
 LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
-"""Config fields that may give the length of the block list: num_hidden_layers (GPT-2's n_layer is an alias of it)
-first, then the names of families whose num_hidden_layers counts something else (LongCat-Flash counts two sub-layers
-per block, and its num_layers counts the blocks)."""
+"""Config fields that may give the length of the block list, num_hidden_layers first (LongCat-Flash's counts two
+sub-layers per block; its num_layers counts the blocks)."""
 
 
 def block_counts(config: object) -> list[int]:
@@ -69,16 +66,14 @@ def final_norm_elsewhere(children: list[tuple[str, nn.Module]], at: int,
 
 def is_linear_projection(module: nn.Linear) -> bool:
     """Return whether a subclass of nn.Linear still computes x W^T + b, so LoRA can sit beside it (notebook 07)."""
-    # peft adds x A^T B^T to what the layer returns. A subclass with its own forward and its own constructor computes
-    # something else (the MoE routers of Llama 4 and PhiMoE return scores and indices, DeepSeek V4's grouped
-    # projection reshapes its weight); one that only rewrites forward (Falcon's FalconLinear) keeps that contract.
+    # peft adds x A^T B^T to what the layer returns. A subclass with its own forward and constructor computes something
+    # else (Llama 4's and PhiMoE's routers); one that only rewrites forward (Falcon's FalconLinear) does not.
     cls = type(module)
     return cls.forward is nn.Linear.forward or cls.__init__ is nn.Linear.__init__
 
 
 PEFT_MAMBA_TYPES = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"}
-"""The Mamba-based model types on whose out_proj peft refuses LoRA: their fused kernels read the weight directly,
-so an adapter beside it would be skipped."""
+"""Mamba-based model types on whose out_proj peft refuses LoRA: their fused kernels would skip an adapter."""
 
 
 def peft_refused_targets(model: nn.Module) -> set[str]:
@@ -101,9 +96,8 @@ def target_name(name: str) -> str:
 def peft_target_modules(model: nn.Module, projections: Collection[str], targets: list[str]) -> list[str]:
     """Return peft's target_modules: the kinds `targets`, or the block projections by full name (notebook 07).
 
-    peft matches a target by the end of a module's qualified name (the whole name, or a dotted suffix), so a kind
-    that also ends the name of a module outside the block projections (Qwen4-Exp's hyper-connection mixer) would
-    adapt that too; then the projections are listed one by one.
+    peft matches a target by the end of a module's name, so when a kind also ends the name of a module outside the
+    block projections (Qwen4-Exp's hyper-connection mixer), the projections are listed one by one.
     """
     clash = [n for n, _ in model.named_modules()
              if any(n == t or n.endswith("." + t) for t in targets) and n not in projections]
@@ -114,10 +108,8 @@ def peft_target_modules(model: nn.Module, projections: Collection[str], targets:
 def without_peft_v4_renaming() -> Iterator[None]:
     """Switch off, for one get_peft_model call, peft's renaming of transformers-v4 MoE targets (notebook 07).
 
-    peft rewrites the targets gate_proj / up_proj / down_proj of MoE model types (DeepSeek, Qwen-MoE, GLM-MoE, ...)
-    to the fused expert tensors of transformers v5, so that adapters trained on v4 still load. For a new adapter on
-    the block projections that rewrite would drop the dense and shared-expert projections of those names and put
-    adapters on the experts instead (which then refuse dropout).
+    peft rewrites gate_proj / up_proj / down_proj of MoE types (DeepSeek, Qwen-MoE, ...) to transformers v5's fused
+    expert tensors, which would move a new adapter off the dense and shared-expert projections onto the experts.
     """
     require("peft", "~=0.21.0", "helpers' LoRA (it switches off peft's v4 target renaming)")
     try:
@@ -138,8 +130,7 @@ def without_peft_v4_renaming() -> Iterator[None]:
 # --- decoding token by token: logits_token_by_token in kv_cache.py (first used in notebook 02) ---------------------
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "state")
-"""Forward arguments that may carry the cache between calls, in this order: transformers 5's `cache` (GPT-2, Qwen2,
-Llama and nearly every family), the older `past_key_values`, and RWKV's recurrent `state`."""
+"""Forward arguments that may carry the cache between calls, in this order: transformers 5's, the older one, RWKV's."""
 
 
 def cache_argument(model: nn.Module, forward: Callable) -> str:

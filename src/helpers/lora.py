@@ -18,48 +18,40 @@ LORA_DEFAULTS: dict = {"r": 16, "alpha": 32, "dropout": 0.05}
 """Default LoRA options: rank 16 with scale alpha / r = 2, a little dropout on the adapter input."""
 
 
-def _conv1d() -> type:
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
 def _is_peft_model(model: object) -> bool:
     # A model can only be a PeftModel once peft is imported; checking sys.modules first avoids importing it here.
     return "peft" in sys.modules and isinstance(model, sys.modules["peft"].PeftModel)
 
 
-def _is_projection(module: nn.Module, conv1d: type) -> bool:
-    # GPT-2's projections are Conv1D, Qwen2's and Llama's nn.Linear; some families subclass nn.Linear.
-    if isinstance(module, conv1d) or type(module) is nn.Linear:
-        return True
-    return isinstance(module, nn.Linear) and families.is_linear_projection(module)
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
-def _fans(module: nn.Module, conv1d: type) -> tuple[int, int]:
+def _fans(module: nn.Module) -> tuple[int, int]:
     # GPT-2's Conv1D stores its weight as (in, out), the transpose of nn.Linear's.
-    return module.weight.shape if isinstance(module, conv1d) else module.weight.shape[::-1]
+    return tuple(module.weight.shape if _is_conv1d(module) else module.weight.shape[::-1])
 
 
-def _projection_names(model: nn.Module) -> dict[str, nn.Module]:
+def _projections(model: nn.Module) -> dict[str, nn.Module]:
     """Return {qualified name: module} of every nn.Linear / GPT-2 Conv1D inside the model's transformer blocks."""
     base = unwrap(model)
     inside = {id(m) for m in find_layers(base).blocks.modules()}
-    conv1d = _conv1d()
     refused = families.peft_refused_targets(base)  # none in GPT-2, Qwen2 and Llama
-    return {
-        name: m for name, m in base.named_modules()
-        if id(m) in inside and _is_projection(m, conv1d) and name.rpartition(".")[2] not in refused
-    }
+    found = {}
+    for name, m in base.named_modules():
+        if id(m) not in inside or name.rpartition(".")[2] in refused:
+            continue
+        # GPT-2's projections are Conv1D, Qwen2's and Llama's nn.Linear; some families subclass nn.Linear.
+        if _is_conv1d(m) or type(m) is nn.Linear or isinstance(m, nn.Linear) and families.is_linear_projection(m):
+            found[name] = m
+    return found
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
     """Return the projection kinds inside the blocks: q_proj, up_proj, ...; c_attn, c_fc for GPT-2 (notebook 07)."""
-    names: list[str] = []
-    for name in _projection_names(model):
-        leaf = families.target_name(name)
-        if leaf not in names:
-            names.append(leaf)
+    names = list(dict.fromkeys(families.target_name(name) for name in _projections(model)))
     if not names:
         raise ValueError(
             f"{type(unwrap(model)).__name__} has no nn.Linear or Conv1D projections inside its transformer blocks, "
@@ -71,23 +63,16 @@ def lora_target_modules(model: nn.Module) -> list[str]:
 def lora_parameter_count(model: nn.Module, r: int = LORA_DEFAULTS["r"], targets: Sequence[str] | None = None) -> int:
     """Return the LoRA parameters r * (fan_in + fan_out) summed over the targeted projections (notebook 00)."""
     targets = list(targets) if targets is not None else lora_target_modules(model)
-    total = 0
-    conv1d = _conv1d()
-    for name, module in _projection_names(model).items():
-        if families.target_name(name) in targets:
-            fan_in, fan_out = _fans(module, conv1d)
-            total += r * (fan_in + fan_out)
-    return total
+    return sum(r * sum(_fans(m)) for name, m in _projections(model).items() if families.target_name(name) in targets)
 
 
 def lora_parameter_table(model: nn.Module, r: int = LORA_DEFAULTS["r"]) -> pd.DataFrame:
     """Return per projection kind: in, out, modules, weights, LoRA parameters r*(in+out) it adds (notebook 07)."""
     rows: dict[str, dict] = {}
-    conv1d = _conv1d()
-    for name, module in _projection_names(model).items():
-        leaf = families.target_name(name)
-        fan_in, fan_out = _fans(module, conv1d)
-        row = rows.setdefault(leaf, {"in": fan_in, "out": fan_out, "modules": 0, "weights": 0, "lora params": 0})
+    for name, module in _projections(model).items():
+        fan_in, fan_out = _fans(module)
+        row = rows.setdefault(families.target_name(name),
+                              {"in": fan_in, "out": fan_out, "modules": 0, "weights": 0, "lora params": 0})
         row["modules"] += 1
         row["weights"] += fan_in * fan_out
         row["lora params"] += r * (fan_in + fan_out)
@@ -97,33 +82,21 @@ def lora_parameter_table(model: nn.Module, r: int = LORA_DEFAULTS["r"]) -> pd.Da
     return table.astype({"in": "Int64", "out": "Int64", "modules": "Int64", "weights": "int64", "lora params": "int64"})
 
 
-def _check(r: int, alpha: float, dropout: float) -> None:
+def lora(model: nn.Module, *, r: int = LORA_DEFAULTS["r"], alpha: float = LORA_DEFAULTS["alpha"],
+         dropout: float = LORA_DEFAULTS["dropout"],
+         targets: Sequence[str] | None = None) -> tuple[nn.Module, StrategyInfo]:
+    """Return (the peft-wrapped model with rank-`r` adapters beside each block projection, its info) (notebook 07)."""
+    if _is_peft_model(model):
+        raise ValueError(
+            "This model is already wrapped by peft (LoRA applied before). Load a fresh model, or merge the "
+            "adapters first with helpers.merge_lora(model) and apply LoRA to the result."
+        )
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive int; got {r!r}.")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise ValueError(f"LoRA alpha must be a positive number (the update is scaled by alpha / r); got {alpha!r}.")
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must lie in [0, 1); got {dropout!r}.")
-
-
-def lora(
-    model: nn.Module,
-    *,
-    r: int = LORA_DEFAULTS["r"],
-    alpha: float = LORA_DEFAULTS["alpha"],
-    dropout: float = LORA_DEFAULTS["dropout"],
-    targets: Sequence[str] | None = None,
-) -> tuple[nn.Module, StrategyInfo]:
-    """Return (the peft-wrapped model with rank-`r` adapters beside each block projection, its StrategyInfo).
-
-    Registered as the strategy 'lora' (first used in notebook 07).
-    """
-    if _is_peft_model(model):
-        raise ValueError(
-            "This model is already wrapped by peft (LoRA applied before). Load a fresh model, or merge the "
-            "adapters first with helpers.merge_lora(model) and apply LoRA to the result."
-        )
-    _check(r, alpha, dropout)
     layers = find_layers(model)
     found = lora_target_modules(model)
     targets = list(targets) if targets is not None else found
@@ -131,20 +104,13 @@ def lora(
     if unknown or not targets:
         raise ValueError(f"LoRA targets {unknown or targets} are not projections inside the blocks; "
                          f"choose from {found}.")
-    projections = _projection_names(model)
+    projections = _projections(model)
     target_modules = families.peft_target_modules(unwrap(model), projections, targets)  # `targets` for GPT-2
-    conv1d = any(isinstance(m, _conv1d()) for m in projections.values())
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores its weight as (in, out), the transpose of nn.Linear
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    # fan_in_fan_out: GPT-2's Conv1D stores its weight as (in, out), the transpose of nn.Linear's.
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
+                        fan_in_fan_out=any(map(_is_conv1d, projections.values())), task_type="CAUSAL_LM")
     with warnings.catch_warnings(), families.without_peft_v4_renaming():
         # peft reads a transformers attribute deprecated in v5; the warning is theirs, not the reader's.
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)

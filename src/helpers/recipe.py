@@ -31,9 +31,8 @@ LEARNING_RATES: dict[str, float] = {
     "lora": 2.5e-3,
     "gradual_unfreezing": 5e-4,
 }
-"""The rate each strategy trains with under RECIPE, in the order the notebooks introduce them: the rate whose seed-0
-run reached the lowest validation loss on the whole train split in the committed sweep (`results/sweep`, notebook
-09), one rule for all, so no strategy is tuned more than another. tests/test_compare.py checks them against it."""
+"""The rate each strategy trains with under RECIPE: the one whose seed-0 run reached the lowest validation loss in the
+committed sweep (`results/sweep`, notebook 09), one rule for all; tests/test_compare.py checks them against it."""
 
 ORDER: tuple[str, ...] = tuple(LEARNING_RATES)
 """Every strategy of the tutorial, in the order the notebooks introduce them."""

@@ -1,8 +1,4 @@
-"""The strategies by name, and `apply_strategy`, which readies a model to train under one of them.
-
-The four freezing strategies live in strategies.py, LoRA in lora.py, gradual unfreezing in unfreezing.py. This
-module sits above the three and registers all six here, in one table, so no module imports another back.
-"""
+"""The six strategies by name, in one table above strategies.py, lora.py and unfreezing.py, and `apply_strategy`."""
 from __future__ import annotations
 
 import inspect
@@ -48,24 +44,20 @@ def strategy_options(name: str) -> dict[str, inspect.Parameter]:
 def apply_strategy(model: nn.Module, name: str, **options) -> nn.Module:
     """Return the model ready to train under strategy `name`, strategy_info attached (first used in notebook 03)."""
     if not isinstance(model, nn.Module):
-        raise ValueError(f"apply_strategy needs a torch nn.Module (a transformers causal LM); "
-                         f"got {type(model).__name__}.")
+        raise ValueError(f"apply_strategy needs a torch nn.Module (a causal LM); got {type(model).__name__}.")
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.")
     valid = list(strategy_options(name))
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(
-            f"Unknown option(s) {unknown} for strategy {name!r}. Valid options: {', '.join(valid) or 'none'}."
-        )
+        raise ValueError(f"Unknown option(s) {unknown} for strategy {name!r}. "
+                         f"Valid options: {', '.join(valid) or 'none'}.")
     model, info = STRATEGIES[name](model, **options)
     trainable, total = count_parameters(model)
     if trainable == 0:
-        raise ValueError(
-            f"Strategy {name!r} with options {options} leaves 0 of {total:,} parameters trainable in "
-            f"{type(unwrap(model)).__name__}; training would change nothing. Choose options that leave "
-            "something to train (for example fewer frozen blocks)."
-        )
+        raise ValueError(f"Strategy {name!r} with options {options} leaves 0 of {total:,} parameters trainable in "
+                         f"{type(unwrap(model)).__name__}; training would change nothing. Choose options that leave "
+                         "something to train (for example fewer frozen blocks).")
     model.strategy_info = info
     return model
 

@@ -13,11 +13,10 @@ _NORM_TYPES = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t
 
 @dataclass
 class LayerMap:
-    """The parts of a decoder-only causal LM, found by structure rather than by parameter names.
+    """The parts of a decoder-only causal LM, found by structure rather than by parameter names (notebook 03).
 
-    `final_norm` may be None (a post-norm model such as GPT-1 has none) or a module without parameters (OLMo's
-    non-parametric LayerNorm): then there is nothing in it to train. `other` holds the tensors outside these parts
-    (an embedding LayerNorm, a hyper-connection mixer, ...): they train only when everything but the embeddings does.
+    `final_norm` may be None (GPT-1 has none). `other` holds the tensors outside these parts (an embedding LayerNorm,
+    ...): they train only when everything but the embeddings does.
     """
 
     embeddings: list[nn.Module]
@@ -38,13 +37,8 @@ class LayerMap:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Return the transformers model inside a peft wrapper (or `model` itself when it is not wrapped)."""
-    seen = 0
-    while hasattr(model, "get_base_model") and callable(model.get_base_model) and seen < 4:
-        inner = model.get_base_model()
-        if inner is model:
-            break
-        model, seen = inner, seen + 1
-    return model
+    get_base_model = getattr(model, "get_base_model", None)  # peft's PeftModel has it, transformers models do not
+    return get_base_model() if callable(get_base_model) else model
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -108,24 +102,15 @@ def find_layers(model: nn.Module) -> LayerMap:
     return layers
 
 
-def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
-    seen, out = set(), []
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """Return (trainable, total) element counts over unique tensors; a tied head and embedding count once."""
-    params = _unique_parameters(model)
+    """Return (trainable, total) element counts; a tied head and embedding count once (notebook 03)."""
+    params = list(model.parameters())  # parameters() yields a shared tensor once
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def count_tensors(model: nn.Module) -> tuple[int, int]:
-    """Return (trainable tensors, all tensors): how many weight tensors, not how many numbers (the report's 291)."""
-    params = _unique_parameters(model)
+    """Return (trainable tensors, all tensors): how many weight tensors, not numbers (notebook 03)."""
+    params = list(model.parameters())
     return sum(1 for p in params if p.requires_grad), len(params)
 
 
@@ -139,7 +124,7 @@ class StrategyInfo:
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """Return the optimizer's parameter groups: by default every trainable tensor at learning rate `lr`."""
-        return [{"params": [p for p in _unique_parameters(model) if p.requires_grad], "lr": lr}]
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
 
     def on_step(self, model: nn.Module, step: int) -> None:
         """Do nothing; strategies that change what trains during training (gradual unfreezing) override this."""
@@ -148,13 +133,9 @@ class StrategyInfo:
         return self.summary
 
 
-def _set(modules: list[nn.Module], flag: bool) -> None:
-    for module in modules:
-        for p in module.parameters():
-            p.requires_grad_(flag)
-
-
-def _freeze_all_but(model: nn.Module, layers: LayerMap, trainable: list[nn.Module]) -> None:
+def _train_from(model: nn.Module, layers: LayerMap, first: int) -> None:
+    """Make blocks[first:], the final norm and the head trainable, and freeze everything else."""
+    trainable = [*layers.blocks[first:], *(m for m in (layers.final_norm, layers.head) if m is not None)]
     keep = {id(p) for m in trainable for p in m.parameters()}
     parts = [m for _, modules in layers.parts() for m in modules]
     frozen = {id(p) for m in parts if not any(m is t for t in trainable) for p in m.parameters()}
@@ -168,10 +149,8 @@ def _tied_note(layers: LayerMap, embeddings_frozen: bool) -> str:
     if not layers.tied:
         return " The head has its own weight (not tied to the embedding)."
     if embeddings_frozen:
-        return (
-            " The head is tied to the token embedding (one shared tensor), so freezing the embedding "
-            "freezes the head as well: the output projection does not train."
-        )
+        return (" The head is tied to the token embedding (one shared tensor), so freezing the embedding "
+                "freezes the head as well: the output projection does not train.")
     return " The head is tied to the token embedding (one shared tensor), so both train together."
 
 
@@ -194,18 +173,19 @@ def _resolve_n(value: int | float, n_blocks: int, what: str) -> int:
 
 
 def full_fine_tuning(model: nn.Module) -> tuple[nn.Module, StrategyInfo]:
-    """Return the model with every parameter trainable, and its StrategyInfo."""
+    """Return the model with every parameter trainable, and its StrategyInfo (notebook 03)."""
     layers = find_layers(model)
-    _set([model], True)
+    model.requires_grad_(True)
     summary = "Full fine-tuning: every parameter trains." + _tied_note(layers, False)
     return model, StrategyInfo("full_fine_tuning", {}, summary)
 
 
 def freeze_embeddings(model: nn.Module) -> tuple[nn.Module, StrategyInfo]:
-    """Return the model with the embeddings frozen and everything else trainable, and its StrategyInfo."""
+    """Return the model with the embeddings frozen and everything else trainable, and its StrategyInfo (notebook 04)."""
     layers = find_layers(model)
-    _set([model], True)
-    _set(layers.embeddings, False)
+    model.requires_grad_(True)
+    for module in layers.embeddings:
+        module.requires_grad_(False)
     what = "token and position embeddings are" if len(layers.embeddings) > 1 else "token embedding is"
     summary = (f"Freeze embeddings: the {what} frozen; all blocks, the final norm and the head train."
                + _tied_note(layers, True))
@@ -217,8 +197,7 @@ def freeze_lower_layers(model: nn.Module, *, n_frozen: int | float = 2 / 3) -> t
     layers = find_layers(model)
     n_blocks = len(layers.blocks)
     k = _resolve_n(n_frozen, n_blocks, "n_frozen")
-    top = [m for m in (layers.final_norm, layers.head) if m is not None]
-    _freeze_all_but(model, layers, list(layers.blocks[k:]) + top)
+    _train_from(model, layers, k)
     summary = (
         f"Freeze lower layers: the embeddings and {_span(0, k)} ({k} of {n_blocks}) are frozen; "
         f"{_span(k, n_blocks)}, the final norm and the head train." if k else
@@ -233,10 +212,8 @@ def adapter_layers(model: nn.Module, *, n_top: int = 2) -> tuple[nn.Module, Stra
     layers = find_layers(model)
     n_blocks = len(layers.blocks)
     k = _resolve_n(n_top, n_blocks, "n_top")
-    top = list(layers.blocks[n_blocks - k:]) if k else []
-    _freeze_all_but(model, layers, top + [m for m in (layers.final_norm, layers.head) if m is not None])
-    first = n_blocks - k
-    blocks = f"{_span(first, n_blocks)} (the top {k} of {n_blocks})" if k else "no blocks"
+    _train_from(model, layers, n_blocks - k)
+    blocks = f"{_span(n_blocks - k, n_blocks)} (the top {k} of {n_blocks})" if k else "no blocks"
     summary = (f"Adapter layers: only {blocks}, the final norm and the head train; everything below is frozen."
                + _tied_note(layers, True))
     return model, StrategyInfo("adapter_layers", {"n_top": k}, summary)
@@ -245,36 +222,25 @@ def adapter_layers(model: nn.Module, *, n_top: int = 2) -> tuple[nn.Module, Stra
 def _unmapped(model: nn.Module, layers: LayerMap) -> list[nn.Parameter]:
     """Return the model's unique tensors outside embeddings, blocks, final norm and head."""
     mapped = {id(p) for _, mods in layers.parts() for m in mods for p in m.parameters()}
-    return [p for p in _unique_parameters(model) if id(p) not in mapped]
+    return [p for p in model.parameters() if id(p) not in mapped]
 
 
 def trainable_map(model: nn.Module) -> pd.DataFrame:
     """Return one row per part (embeddings, blocks, final norm, head): parameters and trainable ones (notebook 04)."""
     layers = find_layers(model)
+    groups = [(part, [p for m in modules for p in m.parameters()]) for part, modules in layers.parts()]
+    groups.append(("other", _unmapped(model, layers)))
+    notes = {"head": "tied to the token embedding (counted there)" if layers.tied else "",
+             "other": "outside the mapped parts"}
     seen: set[int] = set()
     rows = []
-    for part, modules in layers.parts():
-        params, shared = [], False
-        for m in modules:
-            for p in m.parameters():
-                if id(p) in seen:
-                    shared = True
-                    continue
-                seen.add(id(p))
-                params.append(p)
-        note = "tied to the token embedding (counted there)" if part == "head" and layers.tied else ""
-        if shared and not note:
-            note = "shares tensors with a part above"
-        rows.append({
-            "part": part,
-            "parameters": sum(p.numel() for p in params),
-            "trainable": sum(p.numel() for p in params if p.requires_grad),
-            "note": note,
-        })
-    rest = [p for p in _unmapped(model, layers) if id(p) not in seen]
-    if rest:
-        rows.append({"part": "other", "parameters": sum(p.numel() for p in rest),
-                     "trainable": sum(p.numel() for p in rest if p.requires_grad), "note": "outside the mapped parts"})
+    for part, params in groups:
+        fresh = [p for p in dict.fromkeys(params) if id(p) not in seen]  # a tensor counts in the first part it is in
+        seen.update(id(p) for p in fresh)
+        note = notes.get(part) or ("shares tensors with a part above" if len(fresh) < len(set(params)) else "")
+        if fresh or part != "other":
+            rows.append({"part": part, "parameters": sum(p.numel() for p in fresh),
+                         "trainable": sum(p.numel() for p in fresh if p.requires_grad), "note": note})
     return pd.DataFrame(rows).set_index("part")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from .engine import check_engine, check_rows, is_fsdp, shard, world_and_rank
+from .evaluation import next_token_nll
 from .progress import tqdm
+from .strategies import StrategyInfo
 
 HISTORY_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "seconds"]
 
@@ -45,23 +47,20 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise ValueError naming the first field with an impossible value."""
-        if self.steps < 1:
-            raise ValueError(f"TrainConfig.steps must be at least 1; got {self.steps}.")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive; got {self.lr}.")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"TrainConfig.warmup_steps must lie between 0 and steps ({self.steps}); "
-                             f"got {self.warmup_steps}.")
-        if self.grad_accum < 1:
-            raise ValueError(f"TrainConfig.grad_accum must be at least 1; got {self.grad_accum}.")
-        if self.eval_every < 0:
-            raise ValueError(f"TrainConfig.eval_every must be >= 0 (0 = only at the end); got {self.eval_every}.")
-        if self.eval_batches is not None and self.eval_batches < 1:
-            raise ValueError(f"TrainConfig.eval_batches must be None (all) or at least 1; got {self.eval_batches}.")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1]; got {self.min_lr_ratio}.")
-        if self.patience < 0:
-            raise ValueError(f"TrainConfig.patience must be >= 0 (0 = no early stopping); got {self.patience}.")
+        rules = [  # (field, whether its value is impossible, what it must be)
+            ("steps", self.steps < 1, "must be at least 1"),
+            ("lr", not self.lr > 0, "must be positive"),
+            ("warmup_steps", not 0 <= self.warmup_steps <= self.steps, f"must lie between 0 and steps ({self.steps})"),
+            ("grad_accum", self.grad_accum < 1, "must be at least 1"),
+            ("eval_every", self.eval_every < 0, "must be >= 0 (0 = only at the end)"),
+            ("eval_batches", self.eval_batches is not None and self.eval_batches < 1,
+             "must be None (all) or at least 1"),
+            ("min_lr_ratio", not 0 <= self.min_lr_ratio <= 1, "must lie in [0, 1]"),
+            ("patience", self.patience < 0, "must be >= 0 (0 = no early stopping)"),
+        ]
+        for name, impossible, rule in rules:
+            if impossible:
+                raise ValueError(f"TrainConfig.{name} {rule}; got {getattr(self, name)}.")
         if self.patience and not self.eval_every:
             raise ValueError("TrainConfig.patience needs validations during training: set eval_every >= 1.")
 
@@ -79,15 +78,11 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 def _batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Return (input_ids, attention_mask or None, next-token targets with -100 where nothing is predicted)."""
     if isinstance(batch, dict):
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        labels = batch.get("labels")
+        ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
     else:
-        ids = batch[0] if isinstance(batch, (list, tuple)) else batch
-        mask, labels = None, None
+        ids, mask, labels = batch[0] if isinstance(batch, (list, tuple)) else batch, None, None
     ids = ids.to(device)
-    labels = ids if labels is None else labels.to(device)
-    targets = labels[:, 1:]
+    targets = (ids if labels is None else labels.to(device))[:, 1:]
     if mask is not None:
         mask = mask.to(device)
         targets = targets.masked_fill(mask[:, 1:] == 0, -100)
@@ -100,12 +95,11 @@ def _loss_sum(model: nn.Module, batch, device: torch.device, autocast) -> tuple[
     keep = targets != -100
     n = int(keep.sum())
     with autocast():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-    logits = out.logits[:, :-1]
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
     if n < keep.numel():
         # Padding and ignored positions never reach the loss: select the scored positions first.
-        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"), n
+        logits, targets = logits[keep], targets[keep]
+    return next_token_nll(logits, targets), n
 
 
 @torch.no_grad()
@@ -142,57 +136,44 @@ def evaluate_loss(model: nn.Module, data: DataLoader, *, max_batches: int | None
     return total / count
 
 
-def _autocast_for(device: torch.device, enabled: bool) -> tuple[object, str]:
-    """Return (autocast context factory, precision label): bf16/fp16 autocast on CUDA when asked, else fp32."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext, "fp32"
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype)), ("bf16" if dtype == torch.bfloat16 else "fp16")
+def _rss() -> int:
+    """Return the bytes the process holds in memory now (its resident set)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        import resource  # ru_maxrss is KiB on Linux, bytes on macOS; only used when /proc is absent
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class _PeakMemory:
-    """Track peak memory while training: CUDA's allocator peak, or the process's resident set on the CPU."""
+class _PeakMemory(threading.Thread):
+    """Track peak memory while training: CUDA's allocator peak, or the process's resident set polled on the CPU."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
+        super().__init__(daemon=True)
+        self.device, self.cuda, self.done = device, device.type == "cuda", threading.Event()
         # What the process holds before training (weights included): the peak minus this is what training added.
-        self.at_start = torch.cuda.memory_allocated(device) if device.type == "cuda" else self.rss()
+        self.at_start = self.peak = torch.cuda.memory_allocated(device) if self.cuda else _rss()
 
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, AttributeError):
-            import resource  # ru_maxrss is KiB on Linux, bytes on macOS; only used when /proc is absent
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.rss())
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            self.peak = max(self.peak, _rss())
 
     def __enter__(self) -> "_PeakMemory":
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.peak = self.rss()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
+            self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
+        self.done.set()
+        if self.cuda:
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.rss())
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Return whether gradient (activation) checkpointing is on; False for a model that cannot do it."""
-    return bool(getattr(model, "is_activation_checkpointing", False))
+            self.join()
+            self.peak = max(self.peak, _rss())
 
 
 def _batches(data: DataLoader):
@@ -206,37 +187,21 @@ def _batches(data: DataLoader):
             raise ValueError("The training DataLoader is empty; it needs at least one batch.")
 
 
-def _optimizer_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    info = getattr(model, "strategy_info", None)
-    if info is not None:
-        groups = info.param_groups(model, lr)
-    else:
-        seen: set[int] = set()
-        params = [p for p in model.parameters() if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
-        groups = [{"params": params, "lr": lr}]
-    groups = [dict(g, params=list(g["params"])) for g in groups]
-    for g in groups:
-        g.setdefault("weight_decay", weight_decay)
-    if not any(p.requires_grad for g in groups for p in g["params"]):
-        raise ValueError(
-            f"{type(model).__name__} has no trainable parameters: every tensor has requires_grad=False. "
-            "Apply a strategy that leaves something to train (helpers.apply_strategy) before calling train()."
-        )
-    return groups
-
-
 def _precision(device: torch.device, config: TrainConfig, accelerator) -> tuple[object, str, object]:
-    """Return (autocast factory, precision label, fp16 loss scaler or None) for the loop."""
+    """Return (autocast factory, precision label, fp16 loss scaler or None): bf16/fp16 only on CUDA when asked."""
     if accelerator:  # engine: Accelerate autocasts inside the prepared model and scales fp16 losses itself
         label = {"bf16": "bf16", "fp16": "fp16"}.get(str(accelerator.mixed_precision), "fp32")
         return contextlib.nullcontext, label, None
-    autocast, label = _autocast_for(device, config.mixed_precision)
-    return autocast, label, (torch.amp.GradScaler("cuda") if label == "fp16" else None)
+    if not config.mixed_precision or device.type != "cuda":
+        return contextlib.nullcontext, "fp32", None
+    if torch.cuda.is_bf16_supported():
+        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16), "bf16", None
+    return functools.partial(torch.autocast, "cuda", dtype=torch.float16), "fp16", torch.amp.GradScaler("cuda")
 
 
 def _enable_checkpointing(model: nn.Module, on: bool) -> bool:
     """Turn gradient checkpointing on if asked; return whether it was on before, so that it can be restored."""
-    before = _checkpointing(model)
+    before = bool(getattr(model, "is_activation_checkpointing", False))
     if on:
         if not hasattr(model, "activation_checkpointing_enable"):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
@@ -247,10 +212,8 @@ def _enable_checkpointing(model: nn.Module, on: bool) -> bool:
 
 def _check_finite(loss: float, step: int, lr: float) -> None:
     if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"The training loss became {loss} at step {step} (learning rate {lr:.3g}). "
-            "Lower TrainConfig.lr, keep grad_clip on, or check the data for empty blocks."
-        )
+        raise FloatingPointError(f"The training loss became {loss} at step {step} (learning rate {lr:.3g}). "
+                                 "Lower TrainConfig.lr, keep grad_clip on, or check the data for empty blocks.")
 
 
 def _backward(model, batches: list, step: int, lr: float, device, autocast, scaler,
@@ -259,8 +222,9 @@ def _backward(model, batches: list, step: int, lr: float, device, autocast, scal
     world, rank = world_and_rank(accelerator)
     if accelerator:
         check_rows(batches, world, step)
-    total_targets = max(sum(int((_batch_tensors(b, torch.device("cpu"))[2] != -100).sum()) for b in batches), 1)
-    loss_sum, tokens = 0.0, 0
+    on_cpu = [_batch_tensors(b, torch.device("cpu")) for b in batches]
+    total_targets = max(sum(int((targets != -100).sum()) for _, _, targets in on_cpu), 1)
+    loss_sum = 0.0
     for i, batch in enumerate(batches):
         if accelerator is None:
             loss, _ = _loss_sum(model, batch, device, autocast)
@@ -276,12 +240,12 @@ def _backward(model, batches: list, step: int, lr: float, device, autocast, scal
                 # DDP averages gradients over the ranks; times `world`, that is the global token-weighted mean.
                 accelerator.backward(loss * world / total_targets)  # engine: replaces loss.backward()
         loss_sum += loss.item()
-        tokens += batch_size_tokens(batch)
     if accelerator:
         step_loss = torch.tensor(loss_sum, dtype=torch.float64, device=device)
         loss_sum = accelerator.reduce(step_loss, reduction="sum").item()  # engine: the step's loss over ranks
         _check_finite(loss_sum, step, lr)
-    return loss_sum, total_targets, tokens
+    # Input tokens, padding included: what the model processes.
+    return loss_sum, total_targets, sum(ids.numel() for ids, _, _ in on_cpu)
 
 
 class _EarlyStopping:
@@ -305,14 +269,21 @@ class _EarlyStopping:
 
     @torch.no_grad()
     def restore(self) -> None:
-        if self.weights is not None:
-            for p, saved in zip(self.tracked, self.weights):
-                p.copy_(saved)
+        for p, saved in zip(self.tracked, self.weights or []):
+            p.copy_(saved)
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, device, accelerator):
     """Return (optimizer groups' tensors, wrapped model, optimizer, scheduler)."""
-    groups = _optimizer_groups(model, config.lr, config.weight_decay)
+    info = getattr(model, "strategy_info", None) or StrategyInfo("")
+    groups = [dict(g, params=list(g["params"])) for g in info.param_groups(model, config.lr)]
+    for g in groups:
+        g.setdefault("weight_decay", config.weight_decay)
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters: every tensor has requires_grad=False. "
+            "Apply a strategy that leaves something to train (helpers.apply_strategy) before calling train()."
+        )
     fused = {"fused": True} if device.type in ("cpu", "cuda") and not is_fsdp(accelerator) else {}
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, **fused)
     wrapped = model
@@ -419,33 +390,26 @@ def _optimizer_step(optimizer, tracked: list[torch.Tensor], grad_clip: float, sc
 
 def _progress_bar(config: TrainConfig, precision: str, accelerator):
     if accelerator is None:
-        desc = f"train ({precision}{', checkpointing' if config.gradient_checkpointing else ''})"
-        return tqdm(total=config.steps, desc=desc, disable=not config.progress)
-    world = accelerator.num_processes
-    desc = f"train ({precision}, {world} process{'es' if world > 1 else ''})"
-    return tqdm(total=config.steps, desc=desc, disable=not (config.progress and accelerator.is_main_process))
+        detail, main = ", checkpointing" if config.gradient_checkpointing else "", True
+    else:
+        world = accelerator.num_processes
+        detail, main = f", {world} process{'es' if world > 1 else ''}", accelerator.is_main_process
+    return tqdm(total=config.steps, desc=f"train ({precision}{detail})", disable=not (config.progress and main))
 
 
-def _history_frame(history: list[dict], config: TrainConfig, precision: str, stats: dict, memory: "_PeakMemory",
+def _history_frame(history: list[dict], config: TrainConfig, precision: str, stats: dict, memory: _PeakMemory,
                    best: _EarlyStopping, accelerator) -> pd.DataFrame:
     """Return the history as a DataFrame whose attrs say how the run went."""
     frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
-    peak = memory.peak
+    peak, seconds = memory.peak, stats["train_seconds"]
     if accelerator:
         peak = torch.tensor(float(peak), device=accelerator.device)
         peak = accelerator.reduce(peak, reduction="max").item()  # engine: the largest peak of any rank
-    seconds = stats["train_seconds"]
     frame.attrs.update({
-        "precision": precision,
-        "gradient_checkpointing": config.gradient_checkpointing,
-        "interrupted": stats["interrupted"],
-        "train_seconds": seconds,
-        "tokens": stats["tokens"],
-        "tokens_per_second": stats["tokens"] / seconds if seconds else float("nan"),
-        "peak_memory_mb": peak / 2**20,
-        "config": asdict(config),
-        "stopped_early_at": stats["stopped_early_at"],
-        "best_step": best.step,
+        "precision": precision, "gradient_checkpointing": config.gradient_checkpointing,
+        "interrupted": stats["interrupted"], "train_seconds": seconds, "tokens": stats["tokens"],
+        "tokens_per_second": stats["tokens"] / seconds if seconds else float("nan"), "peak_memory_mb": peak / 2**20,
+        "config": asdict(config), "stopped_early_at": stats["stopped_early_at"], "best_step": best.step,
         "best_val_loss": best.val if best.step is not None else None,
     })
     if accelerator:
@@ -457,27 +421,19 @@ def _history_frame(history: list[dict], config: TrainConfig, precision: str, sta
     return frame
 
 
-def batch_size_tokens(batch) -> int:
-    """Return the number of input tokens in one batch (padding included: it is what the model processes)."""
-    ids = batch["input_ids"] if isinstance(batch, dict) else (batch[0] if isinstance(batch, (list, tuple)) else batch)
-    return ids.numel()
-
-
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Return {name: tensor} of the trainable parameters only (tied tensors once), detached on the CPU."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_trained(model: nn.Module, path: str | Path) -> Path:
-    """Return the path of a safetensors file holding only the trainable tensors of `model` (a small artifact)."""
+    """Return the path of a safetensors file holding only the trainable tensors of `model` (notebook 06)."""
     from safetensors.torch import save_file
 
     state = trained_state(model)
     if not state:
         raise ValueError(f"{type(model).__name__} has no trainable tensors to save; apply a strategy first.")
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
+    path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     info = getattr(model, "strategy_info", None)
     save_file(state, str(path), metadata={"strategy": getattr(info, "name", ""), "model": type(model).__name__})
@@ -492,15 +448,12 @@ def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; write it with helpers.save_trained(model, path).")
-    state = load_file(str(path))
-    params = dict(model.named_parameters())
+    state, params = load_file(str(path)), dict(model.named_parameters())
     missing = sorted(set(state) - set(params))
     if missing:
-        raise ValueError(
-            f"{path} holds tensors that {type(model).__name__} lacks: "
-            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. "
-            "Load it into the same model (and the same strategy wrapper, e.g. LoRA) it was saved from."
-        )
+        raise ValueError(f"{path} holds tensors that {type(model).__name__} lacks: {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}. Load it into the same model (and the same strategy "
+                         "wrapper, e.g. LoRA) it was saved from.")
     for name, tensor in state.items():
         target = params[name]
         if target.shape != tensor.shape:
@@ -537,9 +490,8 @@ def train_strategy(model: nn.Module, train_data: DataLoader, val_data: DataLoade
                    frozen: dict[str, torch.Tensor] | None = None, accelerator=None, callback=None) -> pd.DataFrame:
     """Return the history of `train` on `model` (a strategy applied), checked: the one pipeline step (notebook 04).
 
-    Every caller trains a strategy through it: the notebooks, the command lines, the widget and the sweep. Ctrl-C
-    raises KeyboardInterrupt, so that nothing half-trained is evaluated or saved, and a tensor frozen from start to end
-    that moved by one bit (`frozen`: a snapshot taken before, else taken here) is a bug in the strategy: it raises.
+    Ctrl-C raises KeyboardInterrupt, so that nothing half-trained is evaluated or saved; a tensor frozen from start to
+    end that moved by one bit (`frozen`: a snapshot taken before, else taken here) is a bug in the strategy: it raises.
     """
     # FSDP re-lays the parameters into its shards; the strategies' frozen sets are checked in one process and on DDP.
     frozen = ({} if is_fsdp(accelerator) else frozen_snapshot(model)) if frozen is None else frozen

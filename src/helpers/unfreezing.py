@@ -21,27 +21,18 @@ def unfreezing_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     layers = find_layers(model)
     seen: set[int] = set()
 
-    def params(modules: list[nn.Module]) -> list[nn.Parameter]:
-        out = []
-        for module in modules:
-            for p in module.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
+    def fresh(params) -> list[nn.Parameter]:
+        out = [p for p in dict.fromkeys(params) if id(p) not in seen]  # a tensor belongs to the first stage it is in
+        seen.update(id(p) for p in out)
         return out
 
     n = len(layers.blocks)
     # With a tied head the token embedding is the head's weight, so it trains from the first step with the head.
     top = [layers.head] + ([layers.final_norm] if layers.final_norm is not None else []) + [layers.blocks[n - 1]]
-    stages = [(f"head, final norm, block {n - 1}", params(top))]
-    stages += [(f"block {i}", params([layers.blocks[i]])) for i in range(n - 2, -1, -1)]
-    rest = params(layers.embeddings)
-    if rest:
-        stages.append(("embeddings", rest))
-    other = [p for p in layers.other if id(p) not in seen]
-    if other:
-        stages.append(("other", other))
-    return stages
+    stages = [(f"head, final norm, block {n - 1}", fresh(p for m in top for p in m.parameters()))]
+    stages += [(f"block {i}", fresh(layers.blocks[i].parameters())) for i in range(n - 2, -1, -1)]
+    last = [("embeddings", fresh(p for m in layers.embeddings for p in m.parameters())), ("other", fresh(layers.other))]
+    return stages + [(label, params) for label, params in last if params]
 
 
 @dataclass
@@ -52,15 +43,10 @@ class GradualUnfreezing(StrategyInfo):
     factor: float = UNFREEZING_DEFAULTS["factor"]
     steps_done: int = 0
 
-    def stages_unfrozen(self, step: int) -> int:
-        """Return how many stages (top first) train in the step after `step` completed steps (used by unfreeze)."""
-        return 1 + step // self.every
-
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """Return one optimizer group per stage, top first, at lr, lr/factor, lr/factor**2, ... (used by train).
 
-        Every stage is in the optimizer from the start; AdamW skips a tensor whose gradient is None, so frozen
-        blocks cost nothing until they are unfrozen.
+        Every stage is in the optimizer from the start; AdamW skips a tensor whose gradient is None.
         """
         return [
             {"params": params, "lr": lr / self.factor**depth, "name": label}
@@ -73,8 +59,8 @@ class GradualUnfreezing(StrategyInfo):
 
     def unfreeze(self, model: nn.Module) -> None:
         """Set requires_grad on the stages due after `steps_done` steps, never freezing one (run before a forward)."""
-        stages = unfreezing_stages(model)
-        for _, params in stages[: self.stages_unfrozen(self.steps_done)]:
+        # One stage (top first) trains in the first step, one more every `every` steps.
+        for _, params in unfreezing_stages(model)[: 1 + self.steps_done // self.every]:
             for p in params:
                 p.requires_grad_(True)
 
@@ -87,12 +73,8 @@ def _unfreeze_before_forward(module: nn.Module, args) -> None:
         info.unfreeze(module)
 
 
-def gradual_unfreezing(
-    model: nn.Module,
-    *,
-    every: int = UNFREEZING_DEFAULTS["every"],
-    factor: float = UNFREEZING_DEFAULTS["factor"],
-) -> tuple[nn.Module, StrategyInfo]:
+def gradual_unfreezing(model: nn.Module, *, every: int = UNFREEZING_DEFAULTS["every"],
+                       factor: float = UNFREEZING_DEFAULTS["factor"]) -> tuple[nn.Module, StrategyInfo]:
     """Return (the model with only head, final norm and top block trainable, its info) (first used in notebook 08)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every (optimizer steps between unfreezing two blocks) must be a positive int; "
@@ -101,8 +83,7 @@ def gradual_unfreezing(
         raise ValueError(f"factor (learning-rate ratio between neighbouring blocks) must be a number >= 1; "
                          f"got {factor!r}.")
     layers = find_layers(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     info = GradualUnfreezing(name="gradual_unfreezing", options={"every": every, "factor": factor}, every=every,
                              factor=factor)
     info.unfreeze(model)
@@ -110,13 +91,10 @@ def gradual_unfreezing(
         model.register_forward_pre_hook(_unfreeze_before_forward)
         model._gradual_unfreezing_hook = True
     n = len(layers.blocks)
-    tied = (
-        " The head is tied to the token embedding, so the embedding trains from the first step, at the head's rate."
-        if layers.tied else " The untied embeddings are the last stage to unfreeze."
-    )
+    tied = (" The head is tied to the token embedding, so the embedding trains from the first step, at the head's rate."
+            if layers.tied else " The untied embeddings are the last stage to unfreeze.")
     info.summary = (
         f"Gradual unfreezing: training starts with the head, the final norm and block {n - 1}; every {every} optimizer "
         f"steps the next lower block joins. Discriminative learning rates: each block below learns {factor:g} times "
-        f"slower than the one above." + tied
-    )
+        f"slower than the one above." + tied)
     return model, info
