@@ -8,12 +8,12 @@ from contextlib import contextmanager
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from . import families
 from .compat import require
 from .device import synchronize
+from .evaluation import next_token_nll
 from .progress import tqdm
 from .strategies import unwrap
 
@@ -207,7 +207,7 @@ def next_token_perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> floa
     if logits.shape[:2] != input_ids.shape or input_ids.shape[1] < 2:
         raise ValueError(f"logits {list(logits.shape)} and input_ids {list(input_ids.shape)} must share "
                          "[batch, seq >= 2].")
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device))
+    nll = next_token_nll(logits[:, :-1], input_ids[:, 1:].to(logits.device), reduction="mean")
     return float(torch.exp(nll))
 
 
@@ -280,7 +280,7 @@ def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode:
                 synchronize(device)
                 start = now()
                 logits = _logits(model, input_ids, mode)
-                F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()).backward()
+                next_token_nll(logits[:, :-1], input_ids[:, 1:], reduction="mean").backward()
                 synchronize(device)
                 times.append(now() - start)
         finally:
