@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 import subprocess
 import sys
@@ -166,3 +167,37 @@ def test_every_public_function_and_class_is_listed_or_deliberately_not(module):
                           f"or in NOT_AT_TOP[{module!r}] in tests/test_imports.py to keep them at helpers.{module}")
     gone = NOT_AT_TOP.get(module, set()) - _public_definitions(module)
     assert not gone, f"NOT_AT_TOP[{module!r}] in tests/test_imports.py names {sorted(gone)}, which {module} lacks"
+
+
+TEACHING_CORE = {"data", "evaluation", "strategies", "training", "lora", "unfreezing", "kv_cache", "memory", "recipe"}
+"""The modules whose code the notebooks write out (README, "The package")."""
+
+CORE_SUPPORT = {"families", "engine", "device", "progress", "compat"}
+"""What the core may lean on: other families' quirks, the Accelerate engine, devices, progress bars, version checks."""
+
+TOOLING = {"sweep", "sweep_results", "finetune", "gguf_cache"}
+"""The sweep runner, the command lines and the conversion cache; compare's command sits beside its notebook code."""
+
+
+def test_the_teaching_core_stands_apart_from_the_tooling():
+    graph = import_graph()
+    for module in sorted(TEACHING_CORE):
+        outside = graph[module] - TEACHING_CORE - CORE_SUPPORT
+        assert not outside, f"teaching-core module {module} imports {sorted(outside)}, outside the core and its support"
+    for module in sorted(set(graph) - TOOLING):
+        tooling = graph[module] & (TOOLING - {"gguf_cache"} if module == "models" else TOOLING)
+        assert not tooling, f"{module} imports the tooling modules {sorted(tooling)}; only the tooling may"
+
+
+NAMES_ITS_NOTEBOOK = re.compile(r"notebooks? \d\d|python -m helpers\.")
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_every_public_docstring_says_in_its_first_paragraph_which_notebook_uses_it(module):
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    methods = [n for c in tree.body if isinstance(c, ast.ClassDef) and not c.name.startswith("_") for n in c.body]
+    unnamed = [node.name for node in tree.body + methods
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+               and not NAMES_ITS_NOTEBOOK.search((ast.get_docstring(node) or "").split("\n\n")[0])]
+    assert not unnamed, (f"helpers.{module}: the docstrings of {unnamed} do not name the notebook that writes them out "
+                         "or first uses them (\"(notebook 03)\"), as d2l's do")

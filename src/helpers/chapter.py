@@ -95,7 +95,7 @@ class StrategyRun:
         return self
 
     def report(self) -> str:
-        """Return the run's text report: counts, losses, perplexities, cost, generations, file (printed by finish)."""
+        """Return the run's text report: counts, losses, perplexities, cost, generations, file (notebook 04)."""
         c = self.counts
         lines = [f"{self.strategy}: {c['trainable']:,} of {c['total']:,} parameters trainable "
                  f"({c['trainable'] / c['total']:.1%}), {c['trainable_tensors']} of {c['total_tensors']} tensors"]

@@ -53,7 +53,7 @@ def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus
 
 
 def matches_recipe(result: dict, name: str) -> bool:
-    """Return whether `result` was trained under today's RECIPE at the rate of `name` (used by collect_results)."""
+    """Return whether `result` was trained under today's RECIPE at the rate of `name` (notebook 08)."""
     recipe = json.loads(json.dumps(RECIPE))  # the JSON round trip a saved result went through
     config = result.get("config", {})
     return (result.get("recipe") == recipe and config.get("lr") == learning_rate(name)
@@ -160,7 +160,7 @@ def format_table(table: pd.DataFrame, *, formats: dict[str, str] | None = None, 
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """Return `table` as a GitHub Markdown table, index first, numbers right-aligned (the helpers-compare command)."""
+    """Return `table` as a GitHub Markdown table, numbers right-aligned (used by python -m helpers.compare)."""
     import pandas as pd
 
     frame = table.reset_index()
@@ -295,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `helpers-compare`: train each strategy, write the table and results to --out; return the exit status."""
+    """Run python -m helpers.compare: train each strategy, write the table and results; return the exit status."""
     args = _parser().parse_args(argv)
     names = args.strategies or list(ORDER)
     unknown = [n for n in names if n not in LEARNING_RATES]

@@ -80,7 +80,7 @@ def keep_freed_memory(threshold: int = 2**30) -> bool:
 
 
 def synchronize(device: torch.device | str) -> None:
-    """Wait for queued kernels on `device`, so wall-clock timings measure finished work (the timings of 00 and 02)."""
+    """Wait for queued kernels on `device`, so wall-clock timings time finished work (notebooks 00 and 02)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -68,12 +68,12 @@ def make_accelerator(*, mixed_precision: bool = False, fsdp: bool = False, cpu: 
 
 
 def world_and_rank(accelerator: Accelerator | None) -> tuple[int, int]:
-    """Return (number of processes, this one's index): (1, 0) without an engine."""
+    """Return (number of processes, this one's index), (1, 0) without an engine (used by train, notebook 10)."""
     return (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
 
 
 def is_fsdp(accelerator: Accelerator | None) -> bool:
-    """Return whether the engine shards the model (FSDP), where every rank must join every forward pass."""
+    """Return whether the engine shards the model (FSDP): every rank joins every forward (notebook 10)."""
     return accelerator is not None and str(accelerator.distributed_type).endswith("FSDP")
 
 
@@ -87,7 +87,7 @@ def shard(batch, rank: int, world: int):
 
 
 def check_engine(model: torch.nn.Module, train_data, accelerator: Accelerator | None) -> None:
-    """Raise ValueError, before any step, for what data parallelism cannot train (nothing to check without one)."""
+    """Raise ValueError, before any step, for what data parallelism cannot train (used by train, notebook 10)."""
     from .strategies import StrategyInfo
 
     if accelerator is None:
@@ -110,7 +110,7 @@ def check_engine(model: torch.nn.Module, train_data, accelerator: Accelerator | 
 
 
 def check_rows(batches: list, world: int, step: int) -> None:
-    """Raise ValueError if a global batch has fewer rows than processes (every rank sees it, so all stop together)."""
+    """Raise ValueError if a global batch has fewer rows than processes, on every rank (used by train, notebook 10)."""
     for batch in batches:
         ids = batch["input_ids"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
         if ids.shape[0] < world:

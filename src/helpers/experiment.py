@@ -50,7 +50,7 @@ def recipe_data(tokenizer, corpus: Corpus | None = None) -> tuple[DataLoader, Da
 
 
 def check_context(model: nn.Module, longest: int, windows: str) -> None:
-    """Raise ValueError if `model` reads fewer than `longest` positions (used by prepare_run and the sweep runner)."""
+    """Raise ValueError if `model` reads fewer than `longest` positions (first used in notebook 04)."""
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context is not None and context < longest:
@@ -122,7 +122,7 @@ def make_result(model: nn.Module, history, *, strategy: str, baseline_test_ppl: 
 
 
 def history_records(history) -> list[dict]:
-    """Return a training history's rows as JSON-ready dicts, NaN as None (used by make_result and finetune)."""
+    """Return a training history's rows as JSON-ready dicts, NaN as None (first used in notebook 03)."""
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
             for row in history.to_dict(orient="records")]
 

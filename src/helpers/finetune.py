@@ -30,7 +30,7 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """Return a sha256 of the trainable tensors' bytes: equal digests mean bit-identical trained weights."""
+    """Return a sha256 of the trainable tensors' bytes, equal for bit-identical weights (notebook 10)."""
     return _digest(trained_state(model))
 
 
@@ -201,7 +201,7 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; return its exit status (2 for bad input, with one message naming the problem)."""
+    """Run python -m helpers.finetune; return its exit status, 2 for bad input with one message (notebook 10)."""
     args = _parser().parse_args(argv)
     try:
         accelerator, model, config, train_data, val_data = _prepare_training(args)

@@ -225,7 +225,7 @@ CLOCKS = ("wall", "cpu")
 @contextmanager
 def intra_op_threads(threads: int | None, clock: str = "wall",
                      device: torch.device | None = None) -> Iterator[Callable[[], float]]:
-    """Run the block on `threads` torch intra-op threads (None: torch's setting) and yield `clock` (timings of 02).
+    """Run the block on `threads` torch intra-op threads (None: torch's) and yield `clock` (notebook 02).
 
     On a shared machine each parallel operation waits for the thread that shares a core with another program, by an
     amount that changes from run to run; one thread never waits. clock="cpu" leaves out time given to other programs.
@@ -255,7 +255,7 @@ def intra_op_threads(threads: int | None, clock: str = "wall",
 
 def time_forward_backward(model: PreTrainedModel, input_ids: torch.Tensor, mode: str, *, repeats: int = 1,
                           budget_s: float | None = None, threads: int | None = None, clock: str = "wall") -> float:
-    """Return the fastest of `repeats` timings (s) of one step's forward + backward in `mode` (used by timing_sweep).
+    """Return the fastest of `repeats` timings (s) of one step's forward + backward in `mode` (notebook 02).
 
     The fastest, because other work only ever adds time. Repeating stops after `budget_s` wall-clock seconds (and at
     least one run), so a slow mode is timed once. `threads` and `clock`: see `intra_op_threads`.
@@ -319,7 +319,7 @@ def timing_sweep(model: PreTrainedModel, lengths: list[int] = (16, 32, 64, 128, 
 @torch.no_grad()
 def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *, use_cache: bool,
                     clock: str = "wall") -> tuple[torch.Tensor, float]:
-    """Return (prompt + exactly `new_tokens` greedy ids, seconds), with or without cache (used by generation_speed)."""
+    """Return (prompt + exactly `new_tokens` greedy ids, seconds), with or without cache (notebook 02)."""
     input_ids = _check_inputs(model, input_ids)
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be at least 1; got {new_tokens}.")

@@ -128,7 +128,7 @@ def lora(model: nn.Module, *, r: int = LORA_DEFAULTS["r"], alpha: float = LORA_D
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Return the plain transformers model with the LoRA updates added into its weights (peft merge_and_unload)."""
+    """Return the plain transformers model with the LoRA updates added into its weights (notebook 07)."""
     if not _is_peft_model(model):
         raise ValueError(
             f"merge_lora needs a model wrapped by apply_strategy(model, 'lora'); got {type(model).__name__}."

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 
 def new_figure(width: float = 6.5, height: float = 3.8) -> Figure:
-    """Return an empty figure a notebook draws once, when returned or displayed (used by the figures of 01, 08, 09)."""
+    """Return an empty figure a notebook draws once, when returned or displayed (first used in notebook 01)."""
     # Through pyplot, so that Jupyter's inline backend loads and registers its PNG formatter (a bare Figure() shows
     # as "<Figure size ...>" text); closed at once, so the backend does not draw it again at the end of the cell.
     fig = plt.figure(figsize=(width, height))

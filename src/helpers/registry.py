@@ -36,7 +36,7 @@ def register_strategy(name: str) -> Callable[[Callable], Callable]:
 
 
 def strategy_options(name: str) -> dict[str, inspect.Parameter]:
-    """Return the options strategy `name` accepts, with defaults (used by apply_strategy and the explorer, 08)."""
+    """Return the options strategy `name` accepts, with defaults (the explorer of notebook 08)."""
     params = list(inspect.signature(STRATEGIES[name]).parameters.values())[1:]
     return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 

@@ -27,7 +27,7 @@ class LayerMap:
     other: list[nn.Parameter] = field(default_factory=list)
 
     def parts(self) -> list[tuple[str, list[nn.Module]]]:
-        """Return (part name, modules) bottom to top: embeddings, block 0 .. n-1, final norm, head."""
+        """Return (part name, modules) bottom to top: embeddings, blocks, final norm, head (notebook 03)."""
         rows = [("embeddings", list(self.embeddings))]
         rows += [(f"block {i}", [b]) for i, b in enumerate(self.blocks)]
         rows.append(("final norm", [self.final_norm] if self.final_norm is not None else []))
@@ -36,7 +36,7 @@ class LayerMap:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Return the transformers model inside a peft wrapper (or `model` itself when it is not wrapped)."""
+    """Return the transformers model inside a peft wrapper, or `model` itself (used by the strategies, notebook 07)."""
     get_base_model = getattr(model, "get_base_model", None)  # peft's PeftModel has it, transformers models do not
     return get_base_model() if callable(get_base_model) else model
 
@@ -116,18 +116,18 @@ def count_tensors(model: nn.Module) -> tuple[int, int]:
 
 @dataclass
 class StrategyInfo:
-    """What a strategy did: its name, options and a one-paragraph summary; attached as model.strategy_info."""
+    """What a strategy did: name, options and a summary, attached as model.strategy_info (first used in notebook 03)."""
 
     name: str
     options: dict = field(default_factory=dict)
     summary: str = ""
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        """Return the optimizer's parameter groups: by default every trainable tensor at learning rate `lr`."""
+        """Return the optimizer's parameter groups, by default every trainable tensor at rate `lr` (notebook 03)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
 
     def on_step(self, model: nn.Module, step: int) -> None:
-        """Do nothing; strategies that change what trains during training (gradual unfreezing) override this."""
+        """Do nothing after a step; gradual unfreezing overrides it (called by train, notebook 08)."""
 
     def __str__(self) -> str:
         return self.summary
@@ -245,7 +245,7 @@ def trainable_map(model: nn.Module) -> pd.DataFrame:
 
 
 def describe_layers(model: nn.Module) -> dict[str, object]:
-    """Return where find_layers found each part of `model`: module paths, block count, norm class, tied head."""
+    """Return where find_layers found each part of `model`: paths, blocks, norm class, tied head (notebook 04)."""
     layers = find_layers(model)
     base = unwrap(model)
     names = {id(m): n for n, m in base.named_modules()}

@@ -487,7 +487,7 @@ def default_out() -> Path:
 
 
 def commit_results(out: Path, message: str) -> None:
-    """Git-commit the results folder `out` (the command's --commit, for sweeps that outlast a session)."""
+    """Git-commit the results folder `out` (python -m helpers.sweep --commit, notebook 09)."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args, "--", str(out)], cwd=out, capture_output=True, text=True)
 

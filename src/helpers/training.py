@@ -25,7 +25,7 @@ HISTORY_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of `train`; one optimizer step consumes grad_accum batches."""
+    """Hyper-parameters of `train`; one optimizer step consumes grad_accum batches (notebook 03)."""
 
     steps: int = 30
     lr: float = 3e-4
@@ -46,7 +46,7 @@ class TrainConfig:
     the weights of the lowest one (0: train every step, keep the last weights)."""
 
     def check(self) -> None:
-        """Raise ValueError naming the first field with an impossible value."""
+        """Raise ValueError naming the first field with an impossible value (called by train, notebook 03)."""
         rules = [  # (field, whether its value is impossible, what it must be)
             ("steps", self.steps < 1, "must be at least 1"),
             ("lr", not self.lr > 0, "must be positive"),
@@ -422,7 +422,7 @@ def _history_frame(history: list[dict], config: TrainConfig, precision: str, sta
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Return {name: tensor} of the trainable parameters only (tied tensors once), detached on the CPU."""
+    """Return {name: tensor} of the trainable parameters, tied ones once, on the CPU (notebook 06)."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -442,7 +442,7 @@ def save_trained(model: nn.Module, path: str | Path) -> Path:
 
 @torch.no_grad()
 def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
-    """Return `model` with the tensors saved by `save_trained` copied into it (names and shapes must match)."""
+    """Return `model` with the tensors saved by `save_trained` copied in, names and shapes checked (notebook 06)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -464,7 +464,7 @@ def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def save_full(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
-    """Return the folder holding the full model (and tokenizer) written by save_pretrained, for export.
+    """Return the folder holding the full model (and tokenizer) written by save_pretrained (notebook 07).
 
     A peft-wrapped model saves only its adapter this way; merge it first (model.merge_and_unload()) to export it whole.
     """
@@ -476,12 +476,12 @@ def save_full(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
 
 
 def frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Return {name: copy} of every frozen parameter, to check after training that none moved."""
+    """Return {name: copy} of every frozen parameter, to check after training that none moved (notebook 03)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
 
 def changed_tensors(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> list[str]:
-    """Return the names of parameters that differ (even by one bit) from `snapshot`."""
+    """Return the names of parameters that differ (even by one bit) from `snapshot` (notebook 03)."""
     params = dict(model.named_parameters())
     return [n for n, t in snapshot.items() if not torch.equal(params[n].detach(), t)]
 

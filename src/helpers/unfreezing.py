@@ -13,7 +13,7 @@ UNFREEZING_DEFAULTS: dict = {"every": 5, "factor": 2.6}
 
 
 def unfreezing_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-    """Return the (label, parameters) stages of gradual unfreezing, top to bottom (used by GradualUnfreezing).
+    """Return the (label, parameters) stages of gradual unfreezing, top to bottom (notebook 08).
 
     Head, final norm and top block first, then each lower block, the embeddings, and "other" (last, when the model
     has any): the tensors outside embeddings, blocks, final norm and head.
@@ -44,7 +44,7 @@ class GradualUnfreezing(StrategyInfo):
     steps_done: int = 0
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        """Return one optimizer group per stage, top first, at lr, lr/factor, lr/factor**2, ... (used by train).
+        """Return one optimizer group per stage, top first, at lr, lr/factor, lr/factor**2, ... (notebook 08).
 
         Every stage is in the optimizer from the start; AdamW skips a tensor whose gradient is None.
         """
@@ -54,11 +54,11 @@ class GradualUnfreezing(StrategyInfo):
         ]
 
     def on_step(self, model: nn.Module, step: int) -> None:
-        """Record that `step` optimizer steps are done, so the next training forward unfreezes (called by train)."""
+        """Record that `step` optimizer steps are done, so the next training forward unfreezes (notebook 08)."""
         self.steps_done = step
 
     def unfreeze(self, model: nn.Module) -> None:
-        """Set requires_grad on the stages due after `steps_done` steps, never freezing one (run before a forward)."""
+        """Set requires_grad on the stages due after `steps_done` steps, never freezing one (notebook 08)."""
         # One stage (top first) trains in the first step, one more every `every` steps.
         for _, params in unfreezing_stages(model)[: 1 + self.steps_done // self.every]:
             for p in params:

@@ -18,7 +18,7 @@ from .strategies import count_parameters, find_layers, trainable_map
 
 
 def widgets_available() -> bool:
-    """Return True when live widgets can be shown: ipywidgets and a frontend that answers (used by the panels, 08)."""
+    """Return True when live widgets can be shown: ipywidgets and a frontend that answers (notebook 08)."""
     try:
         import ipywidgets  # noqa: F401
         from IPython import get_ipython
@@ -39,7 +39,7 @@ def explore(name: str, config=None, **options) -> tuple[pd.DataFrame, dict]:
 
 
 def explorer_table(config=None) -> pd.DataFrame:
-    """Return trainable and total parameters of every strategy at its defaults (the explorer's static form, 08)."""
+    """Return trainable and total parameters of every strategy at its defaults (static explorer, notebook 08)."""
     rows = []
     for name in STRATEGIES:
         _, counts = explore(name, config)
