@@ -103,3 +103,19 @@ def test_a_model_with_a_short_context_is_refused_before_anything_runs(tokenizer,
     with pytest.raises(ValueError, match=f"at most {model.config.n_positions} positions.*longer context"):
         helpers.prepare_run("full_fine_tuning", model_and_tokenizer=(model, tokenizer), corpus=tiny_corpus(text),
                             config=quick_config(), show=False)
+
+
+def test_another_model_trains_at_the_rate_a_short_check_on_validation_chose(tokenizer, text, cache, capsys):
+    corpus = tiny_corpus(text)
+    model = long_context("llama")
+    before = [p.detach().clone() for p in model.parameters()]
+    lr = helpers.choose_learning_rate("lora", model, tokenizer, corpus, steps=2, lrs=(1e-4, 3e-2))
+    line = capsys.readouterr().out.strip()
+    tried = line[line.index("(") + 1:-1].split(", ")
+    losses = {float(part.split(": ")[0]): float(part.split(": ")[1]) for part in tried}
+    assert lr == min(losses, key=losses.get) and line.startswith(f"learning rate {lr:g} for lora, chosen on validation")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # it trains copies
+    run = helpers.prepare_run("lora", model_and_tokenizer=(model, tokenizer), corpus=corpus, model_name="tiny-llama",
+                              show=True)
+    assert "(chosen on validation for this model)" in capsys.readouterr().out
+    assert run.config.lr in helpers.recipe.RATE_GRID

@@ -12,6 +12,7 @@ from helpers.compare import (
     plot_loss_curves, report_side_by_side,
 )
 from helpers.experiment import RECIPE, save_result
+from helpers.models import DEFAULT_MODEL
 from helpers.widgets import explorer_table, strategy_explorer, training_panel, widgets_available
 
 from conftest import tiny_config, tiny_model
@@ -43,7 +44,7 @@ def _fake(name, trainable, test_ppl, baseline=20.0, total=1000):
     return {"strategy": name, "trainable_params": trainable, "total_params": total, "trainable_tensors": 3,
             "baseline_test_ppl": baseline, "val_ppl": test_ppl + 1, "test_ppl": test_ppl, "train_seconds": 2.0,
             "train_tokens": 512, "tokens_per_second": 256.0, "peak_memory_mb": 100.0, "config": {"lr": 1e-4},
-            "history": history}
+            "model": DEFAULT_MODEL, "history": history}
 
 
 def test_table_has_baseline_row_and_relative_change():
@@ -157,6 +158,22 @@ def test_results_of_another_recipe_or_rate_are_stale(tmp_path):
     # Without permission to train, stale files are still shown; what is missing stays missing.
     found = collect_results(["adapter_layers", "lora", "full_fine_tuning"], folder=tmp_path, compute_missing=False)
     assert set(found) == {"adapter_layers", "lora"}
+
+
+def test_only_runs_of_the_notebooks_model_are_compared_and_the_missing_ones_are_named(tmp_path, capsys):
+    save_result(_current("lora"), tmp_path / "lora.json")
+    other = dict(_current("adapter_layers"), model="gpt2-tiny", baseline_test_ppl=31.0)
+    save_result(other, tmp_path / "adapter_layers.json")
+    found = collect_results(["lora", "adapter_layers"], folder=tmp_path, compute_missing=False)
+    assert list(found) == ["lora"]  # the other model's run, with its other baseline, would break the table
+    assert "No saved run of SmolLM2-135M-Instruct for adapter_layers: left out" in capsys.readouterr().out
+    assert not matches_recipe(other, "adapter_layers")
+
+
+def test_another_models_run_stands_at_whatever_rate_it_chose_on_validation(monkeypatch):
+    monkeypatch.setenv("TUTORIAL_MODEL", "gpt2-tiny")
+    chosen = dict(_current("lora"), model="gpt2-tiny", config={"lr": 5e-4, "steps": RECIPE["steps"]})
+    assert matches_recipe(chosen, "lora") and not matches_recipe(_current("lora"), "lora")
 
 
 def test_markdown_table_shape():

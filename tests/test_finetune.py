@@ -150,6 +150,8 @@ def test_the_command_refuses_bad_input(tmp_path, capsys):
     assert main(["--strategy", "freeze_everything", "--out", str(tmp_path)]) == 2
     assert "unknown strategy 'freeze_everything'" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "the recipe's learning rates were tuned for SmolLM2-135M-Instruct only: pass --lr" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "none"), "--lr", "1e-3", "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["--fsdp", "--out", str(tmp_path)]) == 2

@@ -13,9 +13,9 @@ from torch import nn
 
 from .data import Corpus, load_corpus
 from .device import keep_freed_memory
-from .experiment import (baseline_perplexity, check_context, complete, evaluate_splits, make_result, recipe_config,
-                         recipe_data, save_result)
-from .models import load_model, quiet_transformers
+from .experiment import (baseline_perplexity, check_context, choose_learning_rate, complete, evaluate_splits,
+                         make_result, recipe_config, recipe_data, save_result)
+from .models import DEFAULT_MODEL, default_model_name, load_model, quiet_transformers
 from .plotting import plot_history, plot_trainable_map
 from .recipe import PROMPT, RECIPE
 from .registry import STRATEGIES, apply_strategy
@@ -129,7 +129,8 @@ def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, mo
                 config: TrainConfig | None = None, **options) -> StrategyRun:
     """Return a StrategyRun: model loaded, baseline measured, `strategy` applied, ready to `finish` (notebook 04).
 
-    `config` defaults to the recipe at `lr` (default: the strategy's rate); `options` go to `apply_strategy`.
+    `config` defaults to the recipe at `lr`: by default the strategy's rate for the default model, and for another
+    model the rate `choose_learning_rate` picks on validation. `options` go to `apply_strategy`.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.")
@@ -142,6 +143,10 @@ def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, mo
     corpus = corpus or load_corpus()
     baseline = baseline_perplexity(model, tokenizer, corpus.test)
     before = complete(model, tokenizer)
+    # The sweep tuned the rates for the default model only; another model gets its own, from a short check.
+    chosen = config is None and lr is None and (model_name or default_model_name()) != DEFAULT_MODEL
+    if chosen:
+        lr = choose_learning_rate(strategy, model, tokenizer, corpus, show=show, **options)
     model = apply_strategy(model, strategy, **options)
     config = config or (recipe_config(strategy) if lr is None else recipe_config(lr=lr))
     run = StrategyRun(strategy=strategy, model=model, tokenizer=tokenizer, corpus=corpus,
@@ -156,7 +161,8 @@ def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, mo
         print(model.strategy_info.summary)
         print(run.report().splitlines()[0])
         tokens_per_step = RECIPE["batch_size"] * RECIPE["block_size"] * config.grad_accum
-        print(f"to train: {config.steps} steps x {tokens_per_step:,} tokens at lr {config.lr:g} (the shared recipe)")
+        source = "chosen on validation for this model" if chosen else "the shared recipe"
+        print(f"to train: {config.steps} steps x {tokens_per_step:,} tokens at lr {config.lr:g} ({source})")
         plot_trainable_map(trainable_map(model), title=f"{strategy}: trainable parameters per part")
         plt.show()
     return run

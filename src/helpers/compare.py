@@ -43,30 +43,49 @@ def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus
                  steps: int | None = None, progress: bool = True) -> dict:
     """Return the result record of `strategy` trained under the shared recipe, unsaved (first used in notebook 08)."""
     from .chapter import prepare_run
-    from .experiment import recipe_config
+    from .data import load_corpus
+    from .experiment import choose_learning_rate, recipe_config
+    from .models import DEFAULT_MODEL, default_model_name, load_model
 
-    overrides = {"lr": learning_rate(strategy), "progress": progress}
+    overrides: dict = {"progress": progress}
     if steps is not None:
         overrides |= {"steps": steps, "warmup_steps": min(RECIPE["warmup_steps"], steps)}
-    run = prepare_run(strategy, show=False, model_name=model_name, corpus=corpus, config=recipe_config(**overrides))
+    loaded, corpus = None, corpus or load_corpus()
+    if (model_name or default_model_name()) == DEFAULT_MODEL:
+        overrides["lr"] = learning_rate(strategy)
+    else:  # the sweep tuned the rates for the default model only: another model's is chosen on validation
+        loaded = load_model(model_name)
+        overrides["lr"] = choose_learning_rate(strategy, *loaded, corpus, show=progress)
+    run = prepare_run(strategy, show=False, model_name=model_name, model_and_tokenizer=loaded, corpus=corpus,
+                      config=recipe_config(**overrides))
     return run.finish(save=False, show=False).result
 
 
 def matches_recipe(result: dict, name: str) -> bool:
-    """Return whether `result` was trained under today's RECIPE at the rate of `name` (notebook 08)."""
+    """Return whether `result` is a run of the notebooks' model under today's RECIPE at its rate (notebook 08).
+
+    The rate is the sweep's for the default model; another model's was chosen on validation, so any rate stands.
+    """
+    from .models import DEFAULT_MODEL, default_model_name
+
     recipe = json.loads(json.dumps(RECIPE))  # the JSON round trip a saved result went through
-    config = result.get("config", {})
-    return (result.get("recipe") == recipe and config.get("lr") == learning_rate(name)
+    config, model = result.get("config", {}), default_model_name()
+    rate = model != DEFAULT_MODEL or config.get("lr") == learning_rate(name)
+    return (result.get("model") == model and result.get("recipe") == recipe and rate
             and config.get("steps") == RECIPE["steps"])
 
 
 def collect_results(names: list[str] | None = None, *, folder: str | Path | None = None,
                     compute_missing: bool = True) -> dict[str, dict]:
-    """Return {strategy: result} from results/*.json, training and saving any missing or stale one (notebook 08)."""
-    from .experiment import load_results, save_result
+    """Return {strategy: result} of the notebooks' model, training and saving any missing or stale one (notebook 08).
 
-    names = names or list(ORDER)
-    found = load_results(folder)
+    Only runs of one model compare: another model's files are left out, and what is missing is said.
+    """
+    from .experiment import load_results, save_result
+    from .models import default_model_name
+
+    names, model = names or list(ORDER), default_model_name()
+    found = {name: r for name, r in load_results(folder).items() if r.get("model") == model}
     results: dict[str, dict] = {}
     for name in names:
         if name in found and (matches_recipe(found[name], name) or not compute_missing):
@@ -76,6 +95,9 @@ def collect_results(names: list[str] | None = None, *, folder: str | Path | None
                 print(f"results/{name}.json was trained under another recipe or learning rate; training {name} again")
             results[name] = run_strategy(name)
             save_result(results[name], Path(folder) / f"{name}.json" if folder else None)
+    missing = [name for name in names if name not in results]
+    if missing:
+        print(f"No saved run of {model} for {', '.join(missing)}: left out (notebooks 03-07 train them).")
     return results
 
 

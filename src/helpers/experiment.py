@@ -1,9 +1,11 @@
 """The shared recipe of notebooks 03-08: same data, token budget and seed for every strategy, and its results files."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -12,26 +14,42 @@ from torch.utils.data import DataLoader
 
 from .data import Corpus, load_corpus, make_dataloader, special_prefix, tokenize
 from .evaluation import generate, perplexity
-from .models import cache_dir, default_model_name
-from .recipe import LEARNING_RATES, PROMPT, RECIPE
+from .models import DEFAULT_MODEL, cache_dir, default_model_name
+from .recipe import LEARNING_RATES, PROMPT, RATE_GRID, RECIPE
 from .strategies import count_parameters, count_tensors
-from .training import TrainConfig
+from .training import TrainConfig, train_strategy
 
 
-def results_dir() -> Path:
-    """Return the repository's results/ folder, created if missing (first used in notebook 08)."""
-    path = Path(__file__).resolve().parents[2] / "results"
-    path.mkdir(exist_ok=True)
+RESULTS = Path(__file__).resolve().parents[2] / "results"
+"""The default model's committed results; every other model's go to results/other-models/<model>/ (git-ignored)."""
+
+
+def results_dir(model_name: str | None = None) -> Path:
+    """Return the results folder of `model_name` (default: the notebooks' model), created if missing (notebook 08).
+
+    One folder per model, so that a run of another model never overwrites the default model's committed results.
+    """
+    name = model_name or default_model_name()
+    path = RESULTS if name == DEFAULT_MODEL else RESULTS / "other-models" / re.sub(r"[^\w.-]+", "-", name).strip("-")
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def recipe_config(strategy: str | None = None, **overrides) -> TrainConfig:
-    """Return the TrainConfig of RECIPE at `strategy`'s rate, `overrides` applied (first used in notebook 03)."""
+def recipe_config(strategy: str | None = None, *, model_name: str | None = None, **overrides) -> TrainConfig:
+    """Return the TrainConfig of RECIPE at `strategy`'s rate, `overrides` applied (first used in notebook 03).
+
+    The strategies' rates were tuned for the default model only: for another one (`model_name`, default the notebooks'
+    model) pass lr=..., for example from `choose_learning_rate`.
+    """
     fields = TrainConfig.__dataclass_fields__
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ValueError(f"Unknown TrainConfig field(s) {unknown}. Valid fields: {', '.join(fields)}.")
     if "lr" not in overrides:
+        name = model_name or default_model_name()
+        if name != DEFAULT_MODEL:
+            raise ValueError(f"helpers.recipe.LEARNING_RATES were chosen by the sweep for {DEFAULT_MODEL}, not for "
+                             f"{name}: pass lr=..., or choose one on validation with helpers.choose_learning_rate.")
         if strategy not in LEARNING_RATES:
             raise ValueError(f"recipe_config needs the strategy whose learning rate to use, one of "
                              f"{', '.join(LEARNING_RATES)} (helpers.recipe.LEARNING_RATES), or an explicit lr=...; "
@@ -47,6 +65,31 @@ def recipe_data(tokenizer, corpus: Corpus | None = None) -> tuple[DataLoader, Da
     train_data = make_dataloader(tokenizer, corpus.train, block_size=size, batch_size=batch, shuffle=True, seed=seed)
     val_data = make_dataloader(tokenizer, corpus.validation, block_size=size, batch_size=batch, shuffle=False)
     return train_data, val_data
+
+
+def choose_learning_rate(strategy: str, model: nn.Module, tokenizer, corpus: Corpus | None = None, *,
+                         steps: int = 6, lrs: tuple[float, ...] = RATE_GRID, show: bool = True, **options) -> float:
+    """Return the rate of `lrs` whose short run of `strategy` ends at the lowest validation loss (notebook 04).
+
+    For a model the sweep did not tune: each rate trains a copy of `model` (`options` go to apply_strategy) for
+    `steps` recipe steps, scored on RECIPE's validation batches. The test split is never read; `model` is untouched.
+    """
+    from .registry import apply_strategy
+
+    train_data, val_data = recipe_data(tokenizer, corpus)
+    losses = {}
+    for lr in lrs:
+        torch.manual_seed(RECIPE["seed"])  # the same LoRA initialisation for every rate
+        trial = apply_strategy(copy.deepcopy(model), strategy, **options)
+        config = recipe_config(lr=lr, steps=steps, warmup_steps=min(RECIPE["warmup_steps"], steps), eval_every=0,
+                               eval_at_start=False, progress=False)
+        losses[lr] = float(train_strategy(trial, train_data, val_data, config)["val_loss"].dropna().iloc[-1])
+        del trial
+    best = min(sorted(losses), key=losses.__getitem__)
+    if show:
+        tried = ", ".join(f"{lr:g}: {loss:.3f}" for lr, loss in losses.items())
+        print(f"learning rate {best:g} for {strategy}, chosen on validation loss after {steps} steps ({tried})")
+    return best
 
 
 def check_context(model: nn.Module, longest: int, windows: str) -> None:
@@ -148,18 +191,22 @@ def _same_numbers(a, b) -> bool:
 
 
 def save_result(result: dict, path: str | Path | None = None) -> Path:
-    """Write a result record to `path` (default results/<strategy>.json), return the path (first used in notebook 03).
+    """Write a result record to `path` (default: its model's results_dir), return the path (first used in notebook 03).
 
     A file with the same numbers (`_same_numbers`) is left alone, so re-running a notebook leaves git status clean.
     """
-    path = Path(path) if path is not None else results_dir() / f"{result['strategy']}.json"
+    path = Path(path) if path is not None else results_dir(result.get("model")) / f"{result['strategy']}.json"
     text = json.dumps(result, indent=1, default=float) + "\n"
-    if not (path.is_file() and _same_numbers(json.loads(path.read_text()), json.loads(text))):
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is not None and old.get("model") != result.get("model"):
+        raise ValueError(f"{path} holds a run of {old.get('model')}, not of {result.get('model')}: one model's results "
+                         "never overwrite another's. Save it to helpers.results_dir(its model) or another path.")
+    if not (old is not None and _same_numbers(old, json.loads(text))):
         path.write_text(text)
     return path
 
 
 def load_results(folder: str | Path | None = None) -> dict[str, dict]:
-    """Return {strategy: result record} for every results/*.json file (first used in notebook 03)."""
+    """Return {strategy: result record} of every .json in `folder`, default results_dir() (notebook 03)."""
     folder = Path(folder) if folder is not None else results_dir()
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}

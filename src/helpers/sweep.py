@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .recipe import ORDER, REPORT_STRATEGIES
+from .recipe import ORDER, RATE_GRID, REPORT_STRATEGIES
 
 if TYPE_CHECKING:  # torch and transformers load inside the functions, so that --help answers at once
     from collections.abc import Callable
@@ -48,7 +48,7 @@ class SweepSpec:
 
     sizes: dict = field(default_factory=lambda: {"8": 8, "128": 128, "2k": 2048, "8k": 8192, "full": None})
     strategies: tuple = tuple(ORDER)
-    lrs: tuple = (1e-4, 5e-4, 2.5e-3)
+    lrs: tuple = RATE_GRID
     seeds: int = 3
     block_size: int = 128        # text tokens per training block (a smaller subset is one block of its own length)
     batch_size: int = 4          # blocks per optimizer step

@@ -180,8 +180,8 @@ def _train_live(strategy: str, total: int, progress, status, output, *, model_na
     """Train `strategy` for `total` steps, redrawing the loss in `output` and counting in `progress` and `status`."""
     from IPython.display import display
 
-    from .experiment import recipe_config, recipe_data
-    from .models import load_model
+    from .experiment import choose_learning_rate, recipe_config, recipe_data
+    from .models import DEFAULT_MODEL, default_model_name, load_model
     from .training import train_strategy
 
     progress.value, progress.max = 0, total
@@ -190,9 +190,13 @@ def _train_live(strategy: str, total: int, progress, status, output, *, model_na
     model, tokenizer = load_model(model_name)
     texts = corpus if isinstance(corpus, Corpus) or corpus is None else load_corpus(corpus)
     train_data, val_data = recipe_data(tokenizer, texts)
+    rate = {}
+    if (model_name or default_model_name()) != DEFAULT_MODEL:  # the sweep's rates are the default model's
+        status.value = "choosing a learning rate on validation for this model ..."
+        rate["lr"] = choose_learning_rate(strategy, model, tokenizer, texts, show=False)
     model = apply_strategy(model, strategy)
     config = recipe_config(strategy, steps=total, warmup_steps=min(3, total), eval_every=max(1, total // 5),
-                           progress=False)
+                           progress=False, **rate)
 
     def draw(row: dict) -> None:
         rows.append(row)
