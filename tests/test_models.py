@@ -83,3 +83,11 @@ def test_tied_checkpoint_stores_no_separate_head(tmp_path, family, model, tokeni
     head = [n for n in names if n.startswith("lm_head")]
     assert (head == []) == model.config.tie_word_embeddings
     assert helpers.load_config(str(tmp_path)).model_type == model.config.model_type
+
+
+def test_a_check_of_the_default_model_alone_says_so_on_another(monkeypatch, capsys):
+    monkeypatch.delenv("TUTORIAL_MODEL", raising=False)
+    assert helpers.is_default_model("its 30 blocks") and capsys.readouterr().out == ""
+    monkeypatch.setenv("TUTORIAL_MODEL", "/models/gpt2")
+    assert not helpers.is_default_model("its 30 blocks")
+    assert capsys.readouterr().out == "(checked for SmolLM2-135M-Instruct only, not for /models/gpt2: its 30 blocks)\n"
