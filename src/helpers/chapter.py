@@ -15,7 +15,7 @@ from .data import Corpus, load_corpus
 from .device import keep_freed_memory
 from .experiment import (baseline_perplexity, check_context, choose_learning_rate, complete, evaluate_splits,
                          make_result, recipe_config, recipe_data, save_result)
-from .models import DEFAULT_MODEL, default_model_name, load_model, quiet_transformers
+from .models import is_default_model, load_model, quiet_transformers
 from .plotting import plot_history, plot_trainable_map
 from .recipe import PROMPT, RECIPE
 from .registry import STRATEGIES, apply_strategy
@@ -144,7 +144,7 @@ def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, mo
     baseline = baseline_perplexity(model, tokenizer, corpus.test)
     before = complete(model, tokenizer)
     # The sweep tuned the rates for the default model only; another model gets its own, from a short check.
-    chosen = config is None and lr is None and (model_name or default_model_name()) != DEFAULT_MODEL
+    chosen = config is None and lr is None and not is_default_model(model_name=model_name)
     if chosen:
         lr = choose_learning_rate(strategy, model, tokenizer, corpus, show=show, **options)
     model = apply_strategy(model, strategy, **options)

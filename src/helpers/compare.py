@@ -45,13 +45,13 @@ def run_strategy(strategy: str, *, model_name: str | None = None, corpus: Corpus
     from .chapter import prepare_run
     from .data import load_corpus
     from .experiment import choose_learning_rate, recipe_config
-    from .models import DEFAULT_MODEL, default_model_name, load_model
+    from .models import is_default_model, load_model
 
     overrides: dict = {"progress": progress}
     if steps is not None:
         overrides |= {"steps": steps, "warmup_steps": min(RECIPE["warmup_steps"], steps)}
     loaded, corpus = None, corpus or load_corpus()
-    if (model_name or default_model_name()) == DEFAULT_MODEL:
+    if is_default_model(model_name=model_name):
         overrides["lr"] = learning_rate(strategy)
     else:  # the sweep tuned the rates for the default model only: another model's is chosen on validation
         loaded = load_model(model_name)

@@ -177,13 +177,13 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}.")
     accelerator = make_accelerator(mixed_precision=args.bf16, fsdp=args.fsdp, cpu=True if args.cpu else None)
     from .data import load_corpus, make_dataloader
-    from .models import DEFAULT_MODEL, default_model_name, load_model
+    from .models import DEFAULT_MODEL, default_model_name, is_default_model, load_model
     from .recipe import LEARNING_RATES
     from .registry import STRATEGIES, apply_strategy
 
     if args.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {args.strategy!r}. Valid strategies: {', '.join(sorted(STRATEGIES))}.")
-    if args.lr is None and (args.model or default_model_name()) != DEFAULT_MODEL:
+    if args.lr is None and not is_default_model(model_name=args.model):
         raise ValueError(f"the recipe's learning rates were tuned for {DEFAULT_MODEL} only: pass --lr for "
                          f"{args.model or default_model_name()} (helpers.choose_learning_rate picks one on validation)")
     # The first load may convert the default model into the cache: one process does it, the others then read it.

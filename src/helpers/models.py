@@ -25,16 +25,17 @@ def default_model_name() -> str:
     return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
 
 
-def is_default_model(checks: str | None = None) -> bool:
+def is_default_model(checks: str | None = None, *, model_name: str | None = None) -> bool:
     """Return whether the notebooks run the default model; else print what `checks` holds only for it (notebook 00).
 
     A cell asserts what is true of the default model alone under `if helpers.is_default_model("what it checks"):`, so
     that the same notebook runs to the end on any model and says what it left unchecked.
     """
-    if default_model_name() == DEFAULT_MODEL:
+    name = model_name or default_model_name()
+    if name == DEFAULT_MODEL:
         return True
     if checks:
-        print(f"(checked for {DEFAULT_MODEL} only, not for {default_model_name()}: {checks})")
+        print(f"(checked for {DEFAULT_MODEL} only, not for {name}: {checks})")
     return False
 
 

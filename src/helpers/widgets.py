@@ -181,7 +181,7 @@ def _train_live(strategy: str, total: int, progress, status, output, *, model_na
     from IPython.display import display
 
     from .experiment import choose_learning_rate, recipe_config, recipe_data
-    from .models import DEFAULT_MODEL, default_model_name, load_model
+    from .models import is_default_model, load_model
     from .training import train_strategy
 
     progress.value, progress.max = 0, total
@@ -191,7 +191,7 @@ def _train_live(strategy: str, total: int, progress, status, output, *, model_na
     texts = corpus if isinstance(corpus, Corpus) or corpus is None else load_corpus(corpus)
     train_data, val_data = recipe_data(tokenizer, texts)
     rate = {}
-    if (model_name or default_model_name()) != DEFAULT_MODEL:  # the sweep's rates are the default model's
+    if not is_default_model(model_name=model_name):  # the sweep's rates are the default model's
         status.value = "choosing a learning rate on validation for this model ..."
         rate["lr"] = choose_learning_rate(strategy, model, tokenizer, texts, show=False)
     model = apply_strategy(model, strategy)
