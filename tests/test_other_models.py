@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import os
-
 import nbformat
 import pytest
 import torch
@@ -17,7 +15,8 @@ from helpers.experiment import results_dir
 
 from conftest import char_tokenizer, tiny_config
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 OTHER_MODELS = {"gpt2": False, "llama": True}
 """Family -> whether its tokenizer adds a BOS."""
 
@@ -37,15 +36,15 @@ def other_model(request, tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("TUTORIAL_OTHER_MODELS") != "1", reason=(
-    "set TUTORIAL_OTHER_MODELS=1 to run every notebook on two other models: the GPT-2 half took 10 min here, beside "
-    "another test run, too long for make test until the notebooks' other-model path is made faster"))
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem[:2] for p in NOTEBOOKS])
 def test_the_notebook_runs_to_the_end_on_another_model(path, other_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TUTORIAL_MODEL", other_model)
     monkeypatch.setenv("TUTORIAL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    committed = {p: p.read_bytes() for p in (ROOT / "results").rglob("*.json") if "other-models" not in p.parts}
     notebook = nbformat.read(path, as_version=4)
     # A failing cell raises CellExecutionError naming the cell and its traceback.
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
                    ).execute()
+    changed = [str(p.relative_to(ROOT)) for p, data in committed.items() if not p.exists() or p.read_bytes() != data]
+    assert not changed, f"a run on another model touched the default model's results: {changed}"
