@@ -85,3 +85,22 @@ def test_trainable_map_uses_a_log_axis_when_the_trainable_share_would_be_a_slive
     upper = helpers.trainable_map(frozen)
     assert helpers.plot_trainable_map(upper).axes[0].get_xscale() == "linear"  # whole blocks train: bars are wide
     plt.close("all")
+
+
+def test_show_figure_carries_its_alt_text_beside_the_png():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    InteractiveShell.instance()  # a shell, as in a notebook, so that display() publishes rather than prints
+    fig = helpers.plotting.new_figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    with capture_output() as captured:
+        helpers.show_figure(fig, "a line falling from 1 to 0")
+    (output,) = captured.outputs
+    assert output.data["text/plain"] == output.metadata["image/png"]["alt"] == "a line falling from 1 to 0"
+    assert output.data["image/png"].startswith("iVBORw0KGgo")  # base64 of the PNG signature
+
+
+def test_show_figure_refuses_a_figure_without_a_description():
+    with pytest.raises(ValueError, match="alt is empty"):
+        helpers.show_figure(helpers.plotting.new_figure(), " ")

@@ -26,7 +26,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "models": ("DEFAULT_MODEL", "cache_dir", "checkpoint_tensor_names", "default_model_name", "heads_are_tied",
                "is_default_model", "load_config", "load_model", "meta_model", "quiet_transformers",
                "qwen2_0_5b_config", "with_random_head"),
-    "plotting": ("plot_history", "plot_timing", "plot_trainable_map", "plot_windows"),
+    "plotting": ("plot_history", "plot_timing", "plot_trainable_map", "plot_windows", "show_figure"),
     "recipe": ("LEARNING_RATES", "PROMPT", "RECIPE"),
     "registry": ("STRATEGIES", "apply_strategy", "register_strategy", "strategy_counts", "strategy_options"),
     "strategies": ("LayerMap", "StrategyInfo", "count_parameters", "count_tensors", "describe_layers", "find_layers",

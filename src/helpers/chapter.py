@@ -5,7 +5,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -16,7 +15,7 @@ from .device import keep_freed_memory
 from .experiment import (baseline_perplexity, check_context, choose_learning_rate, complete, evaluate_splits,
                          make_result, recipe_config, recipe_data, save_result)
 from .models import is_default_model, load_model, quiet_transformers
-from .plotting import plot_history, plot_trainable_map
+from .plotting import plot_history, plot_trainable_map, show_figure
 from .recipe import PROMPT, RECIPE
 from .registry import STRATEGIES, apply_strategy
 from .strategies import LayerMap, count_parameters, count_tensors, find_layers, trainable_map
@@ -90,8 +89,10 @@ class StrategyRun:
             self.path = save_result(self.result)
         if show:
             print(self.report())
-            plot_history(self.history, title=f"{self.strategy}: loss while training")
-            plt.show()
+            checked = self.history["val_loss"].dropna()
+            show_figure(plot_history(self.history, title=f"{self.strategy}: loss while training"),
+                        f"{self.strategy}: training and validation loss against training tokens seen; validation "
+                        f"loss went from {checked.iloc[0]:.3f} to {checked.iloc[-1]:.3f} nats.")
         return self
 
     def report(self) -> str:
@@ -163,6 +164,8 @@ def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, mo
         tokens_per_step = RECIPE["batch_size"] * RECIPE["block_size"] * config.grad_accum
         source = "chosen on validation for this model" if chosen else "the shared recipe"
         print(f"to train: {config.steps} steps x {tokens_per_step:,} tokens at lr {config.lr:g} ({source})")
-        plot_trainable_map(trainable_map(model), title=f"{strategy}: trainable parameters per part")
-        plt.show()
+        table = trainable_map(model)
+        show_figure(plot_trainable_map(table, title=f"{strategy}: trainable parameters per part"),
+                    f"{strategy}: one bar per model part ({len(table)}), its parameters in millions, the trainable "
+                    f"share shaded; {int((table['trainable'] > 0).sum())} parts train.")
     return run

@@ -1,6 +1,8 @@
 """Figures of the notebooks: which parts of a model train, how losses move in training, what the KV-cache loop costs."""
 from __future__ import annotations
 
+import base64
+import io
 import math
 from collections.abc import Sequence
 
@@ -17,6 +19,24 @@ def new_figure(width: float = 6.5, height: float = 3.8) -> Figure:
     fig = plt.figure(figsize=(width, height))
     plt.close(fig)
     return fig
+
+
+def show_figure(fig: Figure, alt: str) -> None:
+    """Display `fig` as a PNG described by `alt`, its alt text (first used in notebook 01).
+
+    Notebook outputs have no alt attribute, so the description goes where readers without the picture look: the
+    output's text form (what a text-only viewer, nbval and a screen reader get) and the image's "alt" metadata,
+    the key IPython's Image(alt=...) writes and site builders read.
+    """
+    from IPython.display import display  # imported here: `import helpers` stays fast
+
+    if not alt.strip():
+        raise ValueError("alt is empty: describe what the figure shows, in a sentence a reader without it can use.")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    png = base64.b64encode(buffer.getvalue()).decode("ascii")
+    display({"image/png": png, "text/plain": alt}, raw=True, metadata={"image/png": {"alt": alt}})
 
 
 def plot_trainable_map(table: pd.DataFrame, *, title: str | None = None, ax=None) -> Figure:
