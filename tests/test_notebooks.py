@@ -72,3 +72,32 @@ def test_notebooks_carry_the_metadata_jupyterlab_writes():
     wrong = [p.relative_to(root).as_posix() for p in paths
              if (meta := json.loads(p.read_text())["metadata"]).get("kernelspec") != kernelspec() or "widgets" in meta]
     assert not wrong, f"re-run scripts/run_notebooks.py (or make student) for {wrong}"
+
+
+def test_every_chapter_before_the_last_ends_with_a_next_link():
+    for path, following in zip(NOTEBOOKS, NOTEBOOKS[1:]):
+        kind, source = cells(path)[-1]
+        assert kind == "markdown" and source.startswith("**Next:**") and f"({following.name})" in source, (
+            f"{path.name} should end with a markdown cell '**Next:** [..]({following.name}) ...'")
+
+
+def test_every_figure_has_alt_text():
+    """A figure shown by helpers.show_figure carries its description; one left to Jupyter's display does not."""
+    for path in NOTEBOOKS + sorted(NOTEBOOKS[0].parents[1].glob("solutions/*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            for output in cell.get("outputs", []):
+                if "image/png" in output.get("data", {}):
+                    alt = output.get("metadata", {}).get("image/png", {}).get("alt", "")
+                    assert alt.strip(), f"{path.name} cell {i}: a figure without alt text (use helpers.show_figure)"
+
+
+def test_the_readme_class_plans_add_up_to_their_stated_times():
+    readme = (NOTEBOOKS[0].parents[1] / "README.md").read_text()
+    minutes = {int(n): int(m) for n, m in re.findall(r"^\| (\d\d) \|.*\| (\d+) min \|$", readme, re.M)}
+    assert sorted(minutes) == list(range(len(NOTEBOOKS))), "the syllabus table gives every notebook a class time"
+    lab = re.search(r"\*\*A (\d+)-minute lab\*\*.*?\n\n", readme, re.S)
+    assert sum(map(int, re.findall(r"\((\d+) min\)", lab.group(0)))) == int(lab.group(1))
+    sessions = re.findall(r"^\d\. \*[^*]+\* \((\d+) min\): (\d\d)(?:, |–)(?:\d\d, )*(\d\d)", readme, re.M)
+    assert len(sessions) == 3
+    for stated, first, last in sessions:
+        assert sum(minutes[n] for n in range(int(first), int(last) + 1)) == int(stated), (first, last, stated)
