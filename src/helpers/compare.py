@@ -122,7 +122,7 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
     baseline = same_baseline(results)
     nan = float("nan")
     rows = [{"strategy": "baseline (no training)", "trainable params": 0, "trainable %": 0.0, "trainable tensors": 0,
-             "lr": nan, "train tokens": 0, "train s": nan, "tokens/s": nan, "peak memory MB": nan, "val ppl": nan,
+             "lr": nan, "train tokens": 0, "train s": nan, "tokens/s": nan, "peak memory MiB": nan, "val ppl": nan,
              "test ppl": baseline, "test / baseline": 1.0, "change %": 0.0}]
     for name, r in results.items():
         rows.append({
@@ -130,7 +130,7 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
             "trainable %": 100 * r["trainable_params"] / r["total_params"],
             "trainable tensors": int(r["trainable_tensors"]), "lr": (r.get("config") or {}).get("lr", nan),
             "train tokens": int(r.get("train_tokens") or 0), "train s": r["train_seconds"],
-            "tokens/s": r["tokens_per_second"], "peak memory MB": r["peak_memory_mb"], "val ppl": r["val_ppl"],
+            "tokens/s": r["tokens_per_second"], "peak memory MiB": r["peak_memory_mb"], "val ppl": r["val_ppl"],
             "test ppl": r["test_ppl"], "test / baseline": r["test_ppl"] / baseline,
             "change %": 100 * (r["test_ppl"] / baseline - 1),
         })
@@ -154,11 +154,11 @@ def report_side_by_side(results: dict[str, dict]) -> pd.DataFrame:
 
 
 COLUMN_FORMATS: dict[str, str] = {
-    "lr": "g", "train s": ".0f", "tokens/s": ".0f", "peak memory MB": ",.0f", "test / baseline": ".3f",
+    "lr": "g", "train s": ".0f", "tokens/s": ".0f", "peak memory MiB": ",.0f", "test / baseline": ".3f",
     "change %": "+.1f", "improvement % (report)": ".1f", "improvement % (ours)": ".1f",
 }
 """Number formats of the columns that the default two decimals would flatten (a learning rate of 2e-4 is not 0.00) or
-clutter (seconds, megabytes); every other float column gets two decimals, every integer a thousands separator."""
+clutter (seconds, mebibytes); every other float column gets two decimals, every integer a thousands separator."""
 
 
 def format_table(table: pd.DataFrame, *, formats: dict[str, str] | None = None, floatfmt: str = ",.2f") -> pd.DataFrame:
