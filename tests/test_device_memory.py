@@ -86,6 +86,49 @@ def test_checkpointing_keeps_one_input_per_block_and_one_blocks_activations():
     assert blocks(light) < blocks(plain) / 10 and light["weights"] == plain["weights"]
 
 
+def _saved_bytes(config, attention: str, batch: int, seq: int) -> int:
+    """Return the bytes autograd saves for backward in one forward of a fresh model of `config` (weights excluded)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_block_activations_are_the_tensors_a_block_saves_for_backward(family, attention):
+    # One block more changes the saved bytes by exactly one block's activations: compare that with the calculator's.
+    config, b, s = tiny_config(family), 2, 64
+    config.head_dim = 16  # as wide as the tiny default, and set, to check the calculator reads it
+    saved, counted = {}, {}
+    for layers in (1, 2):
+        config.num_hidden_layers = layers
+        saved[layers] = _saved_bytes(config, attention, b, s)
+        counted[layers] = helpers.memory.activation_bytes(config, batch=b, seq=s, attention=attention)
+    assert saved[2] - saved[1] == pytest.approx(counted[2] - counted[1], rel=0.02)
+
+
+def test_fused_attention_keeps_no_seq_squared_tensor_and_eager_does():
+    config = helpers.qwen2_0_5b_config()
+    bill = {(attention, s): helpers.memory.activation_bytes(config, batch=1, seq=s, attention=attention) -
+            helpers.memory.activation_bytes(config, batch=1, seq=s, attention=attention, checkpointing=True)
+            for attention in ("eager", "sdpa") for s in (512, 1024)}
+    assert bill["sdpa", 1024] / bill["sdpa", 512] == pytest.approx(2, rel=0.01)  # linear in s
+    assert bill["eager", 1024] / bill["eager", 512] > 2.2  # the a*s*s probabilities grow with s squared
+    assert helpers.memory.activation_bytes(config, batch=1, seq=512) > bill["eager", 512]  # Korthikanti's 5*a*s^2
+
+
 def test_autocast_keeps_fp32_weights_and_adds_their_bf16_copies():
     config = helpers.qwen2_0_5b_config()
     n, trainable = 494_032_768, 1_000_000

@@ -27,7 +27,7 @@ NOT_AT_TOP = {
     "experiment": {"check_context", "history_records"},
     "kv_cache": {"intra_op_threads"},
     "lora": {"lora", "lora_parameter_table"},  # the strategy itself is reached by name, through apply_strategy
-    "memory": {"activation_bytes"},
+    "memory": {"activation_bytes", "loss_bytes"},
     "models": {"default_gguf_path", "resolve_model"},
     "plotting": {"new_figure"},
     "strategies": {"adapter_layers", "freeze_embeddings", "freeze_lower_layers", "full_fine_tuning", "unwrap"},

@@ -158,7 +158,7 @@ def _write_result(args: argparse.Namespace, model: nn.Module, config: TrainConfi
     last = history.dropna(subset=["val_loss"]).iloc[-1]
     print(f"{args.strategy}: {attrs['world_size']} process(es), {attrs['distributed_type']}, {attrs['precision']}; "
           f"{config.steps} steps, {attrs['tokens']:,} tokens in {attrs['train_seconds']:.1f} s "
-          f"({attrs['tokens_per_second']:.0f} tokens/s), peak memory {attrs['peak_memory_mb']:,.0f} MB per process")
+          f"({attrs['tokens_per_second']:.0f} tokens/s), peak memory {attrs['peak_memory_mb']:,.0f} MiB per process")
     print(f"validation loss {last['val_loss']:.4f} (perplexity {last['val_ppl']:.2f}) at step {int(last['step'])}")
     if identical is None:
         print(f"weights sharded over {attrs['world_size']} ranks (FSDP), gathered on rank 0: sha256 {digests[0][:16]}")
