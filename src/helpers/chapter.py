@@ -110,7 +110,7 @@ class StrategyRun:
         lines += [
             f"trained {len(trained)} steps at lr {self.config.lr:g}: {a['tokens']:,} tokens in "
             f"{a['train_seconds']:.0f} s ({a['tokens_per_second']:.0f} tokens/s), peak memory "
-            f"{a['peak_memory_mb']:,.0f} MB",
+            f"{a['peak_memory_mb']:,.0f} MiB",
             f"loss: train {trained.iloc[:5].mean():.3f} -> {trained.iloc[-5:].mean():.3f} (mean of first/last 5 "
             f"steps), validation {checked.iloc[0]:.3f} -> {checked.iloc[-1]:.3f}",
             f"perplexity: validation {ev['val_ppl']:.2f}; test {self.baseline_test_ppl:.2f} -> {ev['test_ppl']:.2f} "
