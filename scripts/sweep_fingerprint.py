@@ -1,7 +1,8 @@
 """Run the sweep (grid and report) on tiny GPT-2, Qwen2 and BOS Llama models; print a sha256 per file, timing left out.
 
 Usage: PYTHONPATH=<checkout>/src:tests python scripts/sweep_fingerprint.py OUT (a new folder). Run it on two commits
-(`git worktree add`) and diff the outputs: equal lines mean the two codes compute the same numbers.
+(`git worktree add`) and diff the outputs: equal lines mean the two codes compute the same numbers for the 2026-11
+protocol, the one the committed results/sweep was made with.
 """
 import hashlib
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from conftest import char_tokenizer, tiny_model
 
+from helpers import sweep as sweep_module
 from helpers.data import Corpus
 from helpers.recipe import ORDER
 from helpers.sweep import Sweep, SweepSpec
@@ -19,26 +21,32 @@ RUST = ("fn main() { let owner = String::from(\"value\"); let borrowed = &owner;
         "Ownership moves the value; borrowing lends it without moving. ")
 CORPUS = Corpus(train=[RUST * 4, RUST * 3], validation=[RUST * 2], test=[RUST])
 TIMING = {"seconds", "train_seconds", "tokens_per_second", "peak_memory_mb"}
+# Fields a newer sweep records beside the old ones, left out so that old and new code compare on what both write.
+ADDED = {"options", "tokens_read"}
+# The 2026-11 protocol (seed 0 chooses and is scored, no depths or general text), as SweepSpec fields; older code
+# knows no such fields and runs it by default.
+LEGACY = {k: tuple(v) if isinstance(v, list) else v for k, v in getattr(sweep_module, "LEGACY_SPEC", {}).items()}
 
 
 def strip(value):
     """Return `value` without its timing fields, which differ from run to run."""
     if isinstance(value, dict):
-        return {k: strip(v) for k, v in value.items() if k not in TIMING}
+        return {k: strip(v) for k, v in value.items() if k not in TIMING | ADDED}
     return [strip(v) for v in value] if isinstance(value, list) else value
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     spec = SweepSpec(sizes={"8": 8, "64": 64}, strategies=tuple(ORDER), seeds=2, block_size=32, val_blocks=2,
-                     max_tokens=512, report_draws=2, eval_block_size=64)
+                     max_tokens=512, report_draws=2, eval_block_size=64, lrs=(1e-4, 5e-4, 2.5e-3), eval_every=4,
+                     **LEGACY)
     for family in ("qwen2", "gpt2", "llama"):
         tokenizer = char_tokenizer(bos=family == "llama")
         sweep = Sweep(out / family, spec, model_and_tokenizer=(tiny_model(family), tokenizer), corpus_data=CORPUS,
                       progress=False)
         sweep.run_grid()
         sweep.run_report()
-    files = [p for p in sorted(out.rglob("*.json")) if p.name != "sweep.json"]
+    files = [p for p in sorted(out.rglob("*.json")) if p.name not in ("sweep.json", "baseline.json")]
     for path in files:
         data = json.dumps(strip(json.loads(path.read_text())), sort_keys=True).encode()
         print(f"{hashlib.sha256(data).hexdigest()[:16]} {path.relative_to(out)}")

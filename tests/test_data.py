@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import helpers
-from helpers.data import SPLITS, deterministic_split, default_corpus_path
+from helpers.data import SPLITS, default_corpus_path, default_general_path, deterministic_split
 
 
 def test_rust_corpus_size_and_splits():
@@ -74,6 +74,25 @@ def test_empty_document_is_named(tmp_path):
     (tmp_path / "blank.md").write_text("  \n")
     with pytest.raises(ValueError, match="blank.md"):
         helpers.load_corpus(tmp_path)
+
+
+def test_general_set_is_every_document_of_its_folder_in_name_order_and_its_readme_lists_them():
+    folder = default_general_path()
+    general = helpers.load_general()
+    files = sorted(p for p in folder.glob("*.md") if p.name != "README.md")
+    assert len(general) == len(files) >= 15 and general == [p.read_text() for p in files]
+    readme = (folder / "README.md").read_text()
+    for path in files:  # each document's row gives its UTF-8 bytes
+        assert f"| `{path.name}` |" in readme and f"| {len(path.read_bytes()):,} |" in readme
+    assert not any("fn main" in doc or "```" in doc for doc in general), "no code: prose outside programming"
+
+
+def test_general_set_folder_problems_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="General-text folder .* does not exist"):
+        helpers.load_general(tmp_path / "missing")
+    (tmp_path / "README.md").write_text("not a document")
+    with pytest.raises(ValueError, match="General-text folder .* holds no .txt or .md files"):
+        helpers.load_general(tmp_path)
 
 
 def test_tokenize_joins_documents_with_a_blank_line_and_no_special_tokens(tokenizer):

@@ -21,7 +21,7 @@ SUBMODULES_ONLY = {
 """Modules none of whose names `helpers.<name>` gives: the commands and the tooling, reached as `helpers.compare.x`."""
 
 NOT_AT_TOP = {
-    "data": {"default_corpus_path", "deterministic_split"},
+    "data": {"default_corpus_path", "default_general_path", "deterministic_split"},
     "device": {"synchronize"},
     "evaluation": {"next_token_nll", "windows"},
     "experiment": {"check_context", "history_records"},

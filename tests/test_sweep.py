@@ -22,7 +22,8 @@ import helpers
 from helpers import sweep as sweep_module
 from helpers.data import Corpus
 from helpers.sweep import (
-    REPORT_STRATEGIES, Sweep, SweepSpec, choose_lr, code_hash, commit_results, main, plan_steps, run_path, subset,
+    LEGACY_SPEC, REPORT_STRATEGIES, Sweep, SweepSpec, blocks_read, choose_lr, code_hash, commit_results, main,
+    plan_steps, subset,
 )
 
 from conftest import char_tokenizer, tiny_config, tiny_model
@@ -33,16 +34,27 @@ RUST = (
     "Ownership moves the value; borrowing lends it without moving. "
 )
 CORPUS = Corpus(train=[RUST * 4, RUST * 3], validation=[RUST * 2], test=[RUST])
+GENERAL = ["The tide comes in twice a day, and the boats rest on the sand between. " * 3,
+           "Bread rises while the dough rests in a warm kitchen. " * 3]
+# Selection seed 0 chooses among three rates (one more beyond an edge, once); seeds 1 and 2 are scored; a depth
+# variant of freeze_lower_layers (1 of the tiny model's 3 blocks frozen, against its default 2) runs at size 64.
 SPEC = SweepSpec(sizes={"8": 8, "64": 64}, strategies=("full_fine_tuning", "freeze_lower_layers"), seeds=2,
-                 block_size=32, val_blocks=2, max_tokens=512, report_draws=2, eval_block_size=64)
-RUNS_PER_CELL = len(SPEC.lrs) + SPEC.seeds - 1
-TOTAL_RUNS = len(SPEC.sizes) * len(SPEC.strategies) * RUNS_PER_CELL
+                 lrs=(1e-4, 5e-4, 2.5e-3), edge_steps=1, depths={"freeze_lower_layers": (1,)}, depth_sizes=("64",),
+                 block_size=32, val_blocks=2, max_tokens=512, eval_every=4, report_draws=2, eval_block_size=64)
+CELLS = SPEC.cells()
+# The sweep as it ran in 2026-11: seed 0 chooses the rate and is scored too; no depths, edges or general text.
+LEGACY = replace(SPEC, **{k: tuple(v) if isinstance(v, list) else v for k, v in LEGACY_SPEC.items()})
 TIMING = {"seconds", "train_seconds"}
 TOKENIZER = char_tokenizer(bos=False)
 
 
 def new_sweep(out: Path, spec: SweepSpec = SPEC, corpus: Corpus = CORPUS) -> Sweep:
-    return Sweep(out, spec, model_and_tokenizer=(tiny_model("qwen2"), TOKENIZER), corpus_data=corpus, progress=False)
+    return Sweep(out, spec, model_and_tokenizer=(tiny_model("qwen2"), TOKENIZER), corpus_data=corpus,
+                 general_data=GENERAL, progress=False)
+
+
+def cell_counts(out: Path) -> dict[tuple[str, str], int]:
+    return {(size, s): len(list((out / "runs" / size / s).glob("*.json"))) for size, s in CELLS}
 
 
 def result_files(out: Path, part: str) -> dict[str, dict]:
@@ -72,7 +84,7 @@ def killed_after(k: int):
     write, new = sweep_module._write, []
 
     def killing_write(path: Path, data: dict) -> None:
-        if path.name != "sweep.json":
+        if path.name not in ("sweep.json", "baseline.json"):
             if len(new) == k:
                 raise KeyboardInterrupt
             if not path.exists():
@@ -91,7 +103,7 @@ def finished(tmp_path_factory) -> Path:
     """A sweep run from start to end without interruption: the grid, then the report's protocol."""
     out = tmp_path_factory.mktemp("sweep") / "ref"
     sweep = new_sweep(out)
-    assert sweep.run_grid() == TOTAL_RUNS
+    assert sweep.run_grid() == len(list((out / "runs").rglob("*.json")))
     assert sweep.run_report() == SPEC.report_draws
     return out
 
@@ -102,38 +114,89 @@ REQUIRED = ("strategy", "lr", "seed", "size", "train_tokens", "offset", "trainab
             "best_step", "best_val_loss", "val_curve", "train_seconds")
 
 
-def test_each_cell_has_the_grid_and_the_seeds_at_the_rate_with_the_lowest_validation_loss(finished):
-    for size, n_tokens in SPEC.sizes.items():
-        for strategy in SPEC.strategies:
-            folder = finished / "runs" / size / strategy
-            grid = {lr: json.loads(run_path(finished, size, strategy, lr, 0).read_text()) for lr in SPEC.lrs}
-            chosen = choose_lr(grid)
-            assert all(grid[chosen]["best_val_loss"] <= grid[lr]["best_val_loss"] for lr in SPEC.lrs)
-            expected = {run_path(finished, size, strategy, lr, 0) for lr in SPEC.lrs}
-            expected |= {run_path(finished, size, strategy, chosen, s) for s in range(1, SPEC.seeds)}
-            assert set(folder.glob("*.json")) == expected
-            records = [json.loads(p.read_text()) for p in expected]
-            final = [r for r in records if r.get("final")]
-            assert len(final) == SPEC.seeds and sorted(r["seed"] for r in final) == list(range(SPEC.seeds))
-            for r in final:
-                assert r["lr"] == r["chosen_lr"] == chosen
-                assert math.isfinite(r["test_ppl"]) and r["test_ppl"] > 1
-            for lr in set(SPEC.lrs) - {chosen}:
-                # Test perplexity is measured once per final model, never for a rate that lost on validation.
-                assert "test_ppl" not in grid[lr] and "final" not in grid[lr]
-            for r in records:
-                assert all(key in r for key in REQUIRED), set(REQUIRED) - set(r)
-                assert (r["size"], r["strategy"], r["train_tokens"]) == (size, strategy, n_tokens)
-                assert r["phase"] == ("grid" if r["seed"] == 0 else "seed")
-            # Every seed-0 run of a size reads the same subset; another seed another one.
-            assert len({grid[lr]["offset"] for lr in SPEC.lrs}) == 1
-            assert all(r["offset"] != grid[chosen]["offset"] for r in final if r["seed"] > 0)
-            assert len({r["trainable_params"] for r in records}) == 1
+def test_each_cell_chooses_its_rate_with_the_selection_seed_and_scores_other_seeds_there(finished):
+    for size, strategy in CELLS:
+        n_tokens = SPEC.sizes[size]
+        folder = finished / "runs" / size / strategy
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        grid = {r["lr"]: r for r in records if r["seed"] == SPEC.selection_seed}
+        chosen = choose_lr(grid)
+        assert set(SPEC.rates(strategy)) <= set(grid) and all(r["phase"] == "grid" for r in grid.values())
+        # One rate beyond the grid's edge exactly when the base grid's best sat there.
+        base_best = choose_lr({lr: grid[lr] for lr in SPEC.rates(strategy)})
+        beyond = sorted(set(grid) - set(SPEC.rates(strategy)))
+        if base_best == max(SPEC.rates(strategy)):
+            assert beyond == [float(f"{base_best * SPEC.edge_factor:.2g}")]
+        elif base_best == min(SPEC.rates(strategy)):
+            assert beyond == [float(f"{base_best / SPEC.edge_factor:.2g}")]
+        else:
+            assert beyond == []
+        final = [r for r in records if r.get("final")]
+        # The selection seed is never scored; the scored seeds ran only at the chosen rate.
+        assert sorted(r["seed"] for r in final) == SPEC.scored_seeds() == [1, 2]
+        assert len(records) == len(grid) + len(final)
+        for r in final:
+            assert r["lr"] == r["chosen_lr"] == chosen and r["phase"] == "seed"
+            assert math.isfinite(r["test_ppl"]) and r["test_ppl"] > 1
+            assert math.isfinite(r["general_ppl"]) and r["general_ppl"] > 1
+        for r in grid.values():
+            # Test and general text are read once per final model, never for a selection run.
+            assert "test_ppl" not in r and "general_ppl" not in r and "final" not in r
+        for r in records:
+            assert all(key in r for key in REQUIRED), set(REQUIRED) - set(r)
+            assert (r["size"], r["strategy"], r["train_tokens"]) == (size, strategy, n_tokens)
+        # Every selection run of a size reads the same subset; another seed another one.
+        assert len({r["offset"] for r in grid.values()}) == 1
+        assert all(r["offset"] != grid[chosen]["offset"] for r in final)
+        assert len({r["trainable_params"] for r in records}) == 1
+
+
+def test_a_depth_variant_trains_its_own_depth(finished):
+    def options_and_trainable(strategy: str) -> tuple[dict, int]:
+        (first, *_) = sorted((finished / "runs" / "64" / strategy).glob("*.json"))
+        record = json.loads(first.read_text())
+        return record["options"], record["trainable_params"]
+
+    default, deeper = options_and_trainable("freeze_lower_layers"), options_and_trainable("freeze_lower_layers@1")
+    assert default[0] == {"n_frozen": 2} and deeper[0] == {"n_frozen": 1}
+    assert default[1] < deeper[1]  # one block fewer frozen: one more block trains
+    assert not (finished / "runs" / "8" / "freeze_lower_layers@1").exists()  # only at depth_sizes
+
+
+def test_the_untrained_model_is_scored_once_by_the_same_rule(finished):
+    baseline = json.loads((finished / "baseline.json").read_text())
+    base = tiny_model("qwen2")
+    assert baseline["test_ppl"] == pytest.approx(helpers.perplexity(base, TOKENIZER, CORPUS.test, block_size=64),
+                                                 rel=1e-5)
+    assert baseline["general_ppl"] == pytest.approx(helpers.perplexity(base, TOKENIZER, GENERAL, block_size=64),
+                                                    rel=1e-5)
+
+
+def test_tokens_read_counts_the_blocks_each_step_read():
+    assert blocks_read(5, 10, 4) == 4 + 4 + 2 + 4 + 4  # an epoch of 10 blocks is batches of 4, 4 and 2
+    assert blocks_read(3, 1, 4) == 3
+    assert blocks_read(0, 10, 4) == 0
+
+
+def test_the_whole_split_is_read_once_to_its_last_token(tmp_path):
+    spec = SweepSpec(sizes={"all": None}, strategies=("adapter_layers",), lrs=(1e-3,), edge_steps=0, seeds=1,
+                     depths={}, block_size=32, val_blocks=2, max_tokens=64, eval_every=2, patience=1,
+                     report_draws=1, eval_block_size=64)
+    sweep = new_sweep(tmp_path, spec)
+    n_train = sweep.train_ids.numel()
+    blocks, _ = sweep.data("all", 1)
+    assert n_train % 32 and len(blocks) == n_train // 32 + 1  # a last block ends at the last token
+    assert torch.equal(blocks[-1], sweep.train_ids[-32:])
+    sweep.run_grid()
+    for path in (tmp_path / "runs").rglob("*.json"):
+        record = json.loads(path.read_text())
+        # 64 tokens would cap it at one step; min_epochs makes it read every block once, and no early stop before.
+        assert record["steps_run"] == record["max_steps"] == record["steps_per_epoch"] == math.ceil(len(blocks) / 4)
+        assert record["tokens_read"] == len(blocks) * 32 >= n_train
 
 
 def test_each_run_records_its_best_validation_and_where_it_stopped(finished):
     files = result_files(finished, "runs")
-    assert len(files) == TOTAL_RUNS
     start_losses = set()
     for name, r in files.items():
         steps = [s for s, _ in r["val_curve"]]
@@ -149,6 +212,7 @@ def test_each_run_records_its_best_validation_and_where_it_stopped(finished):
             # patience validations in a row without a new best, right before the stop
             assert r["best_step"] == steps[-1 - SPEC.patience], name
         assert [s for s, _ in r["train_curve"]] == list(range(1, r["steps_run"] + 1))
+        assert r["tokens_read"] == blocks_read(r["steps_run"], r["blocks"], SPEC.batch_size) * r["tokens_per_block"]
     # These strategies train a copy of the same model, so every run starts from the same validation loss.
     assert len(start_losses) == 1
     # Size 8 is one block of 8 tokens (capped by 20 epochs); size 64 two blocks of 32 (capped by 512 tokens).
@@ -162,18 +226,22 @@ def test_each_run_records_its_best_validation_and_where_it_stopped(finished):
 def test_sweep_json_records_spec_model_corpus_code_and_machine(finished):
     header = json.loads((finished / "sweep.json").read_text())
     assert header["spec"] == SPEC.as_json() and header["spec"]["sizes"] == {"8": 8, "64": 64}
+    assert header["spec"]["selection_seed"] == 0 and header["spec"]["depths"] == {"freeze_lower_layers": [1]}
     assert header["model"] == "Qwen2ForCausalLM"
     corpus = header["corpus"]
     train_tokens = len("\n\n".join(CORPUS.train))
     assert {k: corpus["train"][k] for k in ("documents", "tokens")} == {"documents": 2, "tokens": train_tokens}
     assert {k: corpus["test"][k] for k in ("documents", "tokens")} == {"documents": 1, "tokens": len(RUST)}
     assert corpus["validation"]["documents"] == 1
-    assert len({corpus[split]["sha256"] for split in ("train", "validation", "test")}) == 3
+    assert len({corpus[split]["sha256"] for split in ("train", "validation", "test", "general")}) == 4
+    assert corpus["general"] == corpus["general"] | {"documents": 2, "tokens": len("\n\n".join(GENERAL))}
     assert header["code_hash"] == code_hash() and len(code_hash()) == 16
     assert header["versions"]["torch"] == importlib.metadata.version("torch")
     assert header["versions"]["transformers"] == importlib.metadata.version("transformers")
     assert header["machine"]["cpus"] == os.cpu_count() and header["machine"]["device"] == "cpu"
-    assert len(header["sessions"]) == 1 and header["sessions"][0]["runs"] == TOTAL_RUNS
+    (session,) = header["sessions"]
+    assert session["runs"] == sum(cell_counts(finished).values()) and session["draws"] == SPEC.report_draws
+    assert session["seconds"] > 0 and session["load_mean"] >= 0
 
 
 def test_a_tie_on_validation_chooses_the_lower_rate():
@@ -186,6 +254,7 @@ def test_a_tie_on_validation_chooses_the_lower_rate():
 @pytest.mark.parametrize("stops", [(2,), (3,), (2, 1, 6)], ids=["mid-grid", "after-grid", "three-sessions"])
 def test_a_killed_sweep_resumes_to_the_same_files(finished, tmp_path, stops):
     out = tmp_path / "out"
+    total = sum(cell_counts(finished).values())
     done = 0
     for k in stops:
         with killed_after(k):
@@ -193,28 +262,38 @@ def test_a_killed_sweep_resumes_to_the_same_files(finished, tmp_path, stops):
         done += k
         assert len(result_files(out, "runs")) == done
         if done <= len(SPEC.lrs):
-            # Stopped inside or right after the first cell's grid: its test perplexity is not measured yet.
+            # Stopped inside or right after the first cell's selection runs: no final model is scored yet.
             assert not any("test_ppl" in r for r in result_files(out, "runs").values())
-    unfinished = [(size, s) for size in SPEC.sizes for s in SPEC.strategies
-                  if len(list((out / "runs" / size / s).glob("*.json"))) < RUNS_PER_CELL]
+    unfinished = [cell for cell, n in cell_counts(out).items() if n < cell_counts(finished)[cell]]
     saved = []
-    assert new_sweep(out).run_grid(on_saved=saved.append) == TOTAL_RUNS - done
+    assert new_sweep(out).run_grid(on_saved=saved.append) == total - done
     assert_same_numbers(result_files(finished, "runs"), result_files(out, "runs"))
     # The hook behind --commit hears of each cell this session finished, once, in order.
     assert [m.split(" done")[0] for m in saved] == [f"sweep: {size} x {s}" for size, s in unfinished]
     sessions = json.loads((out / "sweep.json").read_text())["sessions"]
-    assert [s["runs"] for s in sessions] == [*stops, TOTAL_RUNS - done]
+    assert [s["runs"] for s in sessions] == [*stops, total - done]
 
 
-def test_a_resumed_run_that_does_not_reproduce_its_record_is_refused(tmp_path):
+def test_a_resumed_legacy_run_that_does_not_reproduce_its_record_is_refused(tmp_path):
+    # The 2026-11 protocol scores its selection seed: a resumed sweep re-trains the chosen run to score it.
     out = tmp_path / "out"
-    with killed_after(len(SPEC.lrs)):  # killed once the first cell's rates are tried, before its choice is final
-        new_sweep(out).run_grid()
+    with killed_after(len(LEGACY.lrs)):  # killed once the first cell's rates are tried, before its choice is final
+        new_sweep(out, LEGACY).run_grid()
     for path in (out / "runs").rglob("*.json"):  # as if recorded on another machine, 1% away
         record = json.loads(path.read_text())
         path.write_text(json.dumps(record | {"best_val_loss": record["best_val_loss"] * 1.01}))
     with pytest.raises(RuntimeError, match="not reproducible on this machine"):
-        new_sweep(out).run_grid()
+        new_sweep(out, LEGACY).run_grid()
+
+
+def test_the_legacy_protocol_scores_seed_0_at_the_chosen_rate(tmp_path):
+    sweep = new_sweep(tmp_path, replace(LEGACY, sizes={"64": 64}, strategies=("full_fine_tuning",)))
+    sweep.run_grid()
+    records = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("*.json")]
+    final = sorted(r["seed"] for r in records if r.get("final"))
+    assert final == [0, 1] and len(records) == len(LEGACY.lrs) + 1
+    assert all("general_ppl" not in r for r in records)
+    assert set(json.loads((tmp_path / "baseline.json").read_text())) == {"test_ppl"}
 
 
 def test_a_finished_sweep_trains_nothing_again(finished, tmp_path):
@@ -227,7 +306,8 @@ def test_a_finished_sweep_trains_nothing_again(finished, tmp_path):
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("draw-*.json")} | {
         p.relative_to(out): p.read_bytes() for p in (out / "runs").rglob("*.json")}
     assert after == before
-    assert [s["runs"] for s in json.loads((out / "sweep.json").read_text())["sessions"]] == [TOTAL_RUNS, 0]
+    sessions = json.loads((out / "sweep.json").read_text())["sessions"]
+    assert [s["runs"] for s in sessions] == [sum(cell_counts(finished).values()), 0]
 
 
 # --- 3. the report's protocol -----------------------------------------------------------------------------------------
@@ -250,6 +330,7 @@ def test_report_draws_hold_the_four_strategies_and_their_improvement(finished):
         for strategy, run in r["runs"].items():
             assert (run["improvement_pct"] > 0) == (run["seq_ppl"] < r["baseline_seq_ppl"])
             assert math.isfinite(run["test_ppl"]) and run["test_ppl"] > 1
+            assert math.isfinite(run["general_ppl"]) and run["general_ppl"] > 1
             assert run["seq_ppl"] != r["baseline_seq_ppl"]  # it trained
             assert run["train_loss_last"] < run["train_loss_first"]
         assert r["runs"]["full_fine_tuning"]["trainable_params"] == total
@@ -324,7 +405,7 @@ def test_help_names_the_parts():
                           timeout=120, cwd=ROOT)
     assert done.returncode == 0
     for option in ("--part", "--sizes", "--strategies", "--lrs", "--seeds", "--val-blocks", "--out", "--commit",
-                   "--no-progress"):
+                   "--no-progress", "--workers"):
         assert option in done.stdout
 
 
@@ -356,7 +437,7 @@ def test_training_blocks_are_the_prefix_and_the_subset(tmp_path):
 
 
 def test_plan_caps_tiny_subsets_by_epochs_and_big_ones_by_tokens():
-    spec = SweepSpec()  # batch 4, 20 epochs, 8,192 tokens, validate every 4 steps at most
+    spec = SweepSpec(eval_every=4)  # batch 4, 20 epochs, 8,192 tokens but one epoch at least, validate every 4
     # One 9-token block: 1 step an epoch, 20 epochs = 20 steps (8192 // 9 = 910 would allow more); validate every step.
     assert plan_steps(1, spec, 9) == (20, 1, 1)
     # Two 128-token blocks: one batch of 2 an epoch; 20 epochs (20 steps) come before 8192 // 256 = 32 steps.
@@ -367,6 +448,9 @@ def test_plan_caps_tiny_subsets_by_epochs_and_big_ones_by_tokens():
     assert plan_steps(64, spec, 128) == (16, 16, 4)
     # A token cap smaller than one batch still allows one step.
     assert plan_steps(4, SweepSpec(max_tokens=10), 128) == (1, 1, 1)
+    # The whole 52,018-token split, 407 blocks with the tail: one epoch of 102 steps, over the 16 the tokens allow.
+    assert plan_steps(407, SweepSpec(), 128) == (102, 102, 8)
+    assert plan_steps(407, SweepSpec(min_epochs=0), 128) == (16, 102, 8)
 
 
 # --- 6. the command line ----------------------------------------------------------------------------------------------
@@ -419,17 +503,37 @@ def test_command_runs_the_grid_on_a_tiny_model_and_commits_each_cell(tiny_setup,
     assert (header["spec"]["seeds"], header["spec"]["val_blocks"], header["spec"]["block_size"]) == (2, 1, 128)
     assert not (out / "report").exists()  # --part grid only
     files = result_files(out, "runs")
-    assert len(files) == 2 * 2 * (len(SPEC.lrs) + 1)
     for size in ("8", "32"):
         trainable = {}
         for strategy in ("full_fine_tuning", "lora"):
             cell = [r for name, r in files.items() if name.startswith(f"runs/{size}/{strategy}/")]
             final = [r for r in cell if r.get("final")]
-            assert len(final) == 2 and all(r["test_ppl"] > 1 for r in final)
+            assert len(final) == 2 and all(r["test_ppl"] > 1 and r["general_ppl"] > 1 for r in final)
+            assert len(cell) - 2 >= len(SweepSpec().rates(strategy))  # the selection runs
             # The BOS tokenizer's prefix leads every block: one block of size + 1 tokens.
             assert {(r["blocks"], r["tokens_per_block"]) for r in cell} == {(1, int(size) + 1)}
             trainable[strategy] = cell[0]["trainable_params"]
         assert 0 < trainable["lora"] < trainable["full_fine_tuning"]
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_cells_and_write_what_one_process_writes(tiny_setup, tmp_path):
+    model_dir, corpus = tiny_setup
+    args = ["--model", str(model_dir), "--corpus", str(corpus), "--sizes", "8=8", "32=32", "--strategies",
+            "full_fine_tuning", "lora", "--seeds", "2", "--val-blocks", "1", "--draws", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    files = {part: (result_files(one, part), result_files(two, part)) for part in ("runs", "report")}
+    for alone, shared in files.values():
+        assert sorted(alone) == sorted(shared) and alone  # each cell and draw once, none lost, none twice
+        for name in alone:  # one torch thread a worker here, as in the single process above
+            for key in ("best_val_loss", "test_ppl", "general_ppl"):
+                if key in alone[name]:
+                    assert shared[name][key] == pytest.approx(alone[name][key], rel=1e-4), (name, key)
+    (session,) = json.loads((two / "sweep.json").read_text())["sessions"]  # the parent's alone
+    assert (session["runs"], session["draws"], session["workers"]) == (len(files["runs"][1]), 2, 2)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no claims left behind
 
 
 def test_a_model_too_short_for_the_windows_is_refused_before_training(tmp_path):
@@ -454,10 +558,12 @@ def test_other_validation_text_of_the_same_size_is_refused(finished):
 
 def test_gradual_unfreezing_records_what_trains_at_the_start_and_at_the_stop(tmp_path):
     spec = SweepSpec(sizes={"64": 64}, strategies=("gradual_unfreezing",), seeds=1, block_size=32, val_blocks=2,
-                     max_tokens=2048, eval_block_size=64, lrs=(1e-3,))
+                     max_tokens=2048, eval_block_size=64, lrs=(1e-3,), edge_steps=0)
     new_sweep(tmp_path, spec).run_grid()
-    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("*.json")]
-    assert record["trainable_params"] < record["trainable_params_at_stop"] <= record["total_params"]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("*.json")]
+    assert len(records) == 2  # the selection run and one scored seed
+    for record in records:
+        assert record["trainable_params"] < record["trainable_params_at_stop"] <= record["total_params"]
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from helpers.data import Corpus
-from helpers.sweep import Sweep, SweepSpec
+from helpers.sweep import LEGACY_SPEC, Sweep, SweepSpec
 from helpers.sweep_results import (
     baseline_test_ppl, chosen_rate, completeness, paired_differences, plot_report_draws, plot_size_curves,
     plot_val_curves, rank_counts, rate_table, relative_gap, report_draws, rerun, rerun_report_draw, summary_table,
@@ -23,8 +23,10 @@ RUST = (
     "Ownership moves the value; borrowing lends it without moving. "
 )
 CORPUS = Corpus(train=[RUST * 4, RUST * 3], validation=[RUST * 2], test=[RUST])
+GENERAL = ["The tide comes in twice a day, and the boats rest on the sand between. " * 3]
 SPEC = SweepSpec(sizes={"8": 8, "64": 64}, strategies=("full_fine_tuning", "freeze_lower_layers", "lora"), seeds=3,
-                 block_size=32, val_blocks=2, max_tokens=512, report_draws=3, eval_block_size=64)
+                 lrs=(1e-4, 5e-4, 2.5e-3), edge_steps=0, depths={}, block_size=32, val_blocks=2, max_tokens=512,
+                 eval_every=4, report_draws=3, eval_block_size=64)
 TOKENIZER = char_tokenizer(bos=False)
 
 
@@ -38,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny runs, one t
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sweep")
-    sweep = Sweep(out, SPEC, model_and_tokenizer=tiny(), corpus_data=CORPUS, progress=False)
+    sweep = Sweep(out, SPEC, model_and_tokenizer=tiny(), corpus_data=CORPUS, general_data=GENERAL, progress=False)
     sweep.run_report()
     sweep.run_grid()
     return out
@@ -46,11 +48,13 @@ def folder(tmp_path_factory) -> Path:
 
 def test_runs_table_has_every_run_in_order(folder):
     runs = sweep_runs(folder)
-    assert len(runs) == 2 * 3 * (3 + 2)
+    assert len(runs) == 2 * 3 * (3 + 3)  # three rates with the selection seed, then three scored seeds
     assert list(runs["size"].cat.categories) == ["8", "64"]
     assert list(runs["strategy"].cat.categories) == ["full_fine_tuning", "freeze_lower_layers", "lora"]
     assert runs["final"].sum() == 2 * 3 * 3
     assert runs[~runs["final"]]["test_ppl"].isna().all() and (runs[runs["final"]]["test_ppl"] > 1).all()
+    assert runs[~runs["final"]]["general_ppl"].isna().all() and (runs[runs["final"]]["general_ppl"] > 1).all()
+    assert set(runs[runs["final"]]["seed"]) == {1, 2, 3} and set(runs[~runs["final"]]["seed"]) == {0}
     assert completeness(runs, sweep_spec(folder)) == {"cells": 6, "complete": 6}
 
 
@@ -95,7 +99,6 @@ def test_chosen_rate_refuses_what_the_sweep_did_not_run(folder, tmp_path):
     (unfinished / "runs" / "8" / "lora").mkdir(parents=True)
     (unfinished / "sweep.json").write_text((folder / "sweep.json").read_text())
     grid_run = json.loads(next((folder / "runs" / "8" / "lora").glob("*-seed0.json")).read_text())
-    grid_run.update(final=False, chosen_lr=None)
     (unfinished / "runs" / "8" / "lora" / "lr1-seed0.json").write_text(json.dumps(grid_run))
     with pytest.raises(ValueError, match="not chosen a rate for lora at size '8' yet"):
         chosen_rate("lora", "8", unfinished)
@@ -106,7 +109,7 @@ def test_paired_differences_match_seed_by_seed(folder):
     gaps = paired_differences(runs, "64", "lora", "full_fine_tuning")
     finals = runs[runs["final"] & (runs["size"] == "64")]
     by = {s: finals[finals["strategy"] == s].set_index("seed")["test_ppl"] for s in ("lora", "full_fine_tuning")}
-    assert gaps == pytest.approx([by["lora"][k] - by["full_fine_tuning"][k] for k in range(3)])
+    assert gaps == pytest.approx([by["lora"][k] - by["full_fine_tuning"][k] for k in (1, 2, 3)])
     with pytest.raises(ValueError, match="No seed"):
         paired_differences(runs, "64", "lora", "adapter_layers")
 
@@ -145,14 +148,16 @@ def test_figures_draw(folder):
 
 
 def test_a_rerun_reproduces_the_committed_run(folder):
-    again = rerun("64", "lora", 1, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS)
+    again = rerun("64", "lora", 1, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS,
+                  general_data=GENERAL)
     kept = again["committed"]
     assert again["chosen_lr"] == kept["chosen_lr"] and again["best_step"] == kept["best_step"]
     assert relative_gap(again["test_ppl"], kept["test_ppl"]) < 1e-6
+    assert relative_gap(again["general_ppl"], kept["general_ppl"]) < 1e-6
     assert relative_gap(again["best_val_loss"], kept["best_val_loss"]) < 1e-6
     assert not list(Path(folder).rglob("*.tmp"))  # nothing written into the committed folder
-    with pytest.raises(ValueError, match="no final run of lora at size 64 with seed 3"):
-        rerun("64", "lora", 3, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS)
+    with pytest.raises(ValueError, match="no final run of lora at size 64 with seed 4"):
+        rerun("64", "lora", 4, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS)
     with pytest.raises(ValueError, match="did not run strategy 'adapter_layers'"):
         rerun("64", "adapter_layers", 0, folder=folder, model_and_tokenizer=tiny(), corpus_data=CORPUS)
 
@@ -175,3 +180,14 @@ def test_a_folder_without_a_sweep_says_how_to_make_one(tmp_path):
 def test_relative_gap():
     assert relative_gap(1.0, 1.0) == 0 and relative_gap(1.1, 1.0) == pytest.approx(0.1)
     assert math.isinf(relative_gap(1.0, 0.0))
+
+
+def test_a_sweep_recorded_before_a_field_existed_reads_back_with_what_it_meant(folder, tmp_path):
+    header = json.loads((folder / "sweep.json").read_text())
+    for key in LEGACY_SPEC:
+        del header["spec"][key]
+    (tmp_path / "sweep.json").write_text(json.dumps(header))
+    old = sweep_spec(tmp_path)
+    assert (old.selection_seed, old.edge_steps, old.min_epochs, old.tail_block, old.score_general) == (
+        None, 0, 0, False, False)
+    assert old.scored_seeds() == [0, 1, 2] and old.cells() == [(s, x) for s in SPEC.sizes for x in SPEC.strategies]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "chapter": ("StrategyRun", "prepare_run", "setup"),
-    "data": ("DOCUMENT_SEPARATOR", "Corpus", "load_corpus", "make_blocks", "make_dataloader", "special_prefix",
-             "tokenize"),
+    "data": ("DOCUMENT_SEPARATOR", "Corpus", "load_corpus", "load_general", "make_blocks", "make_dataloader",
+             "special_prefix", "tokenize"),
     "device": ("available_devices", "device_report", "get_device", "keep_freed_memory", "matmul_gflops",
                "training_matmuls"),
     "evaluation": ("generate", "perplexity", "token_nll", "window_perplexities"),

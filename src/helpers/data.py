@@ -19,6 +19,11 @@ def default_corpus_path() -> Path:
     return Path(__file__).resolve().parents[2] / "data" / "rust_concepts"
 
 
+def default_general_path() -> Path:
+    """Return the folder of the general-English held-out set, data/general_english (notebook 01)."""
+    return Path(__file__).resolve().parents[2] / "data" / "general_english"
+
+
 @dataclass
 class Corpus:
     """Documents split by document into train, validation and test; `names` maps splits to files (notebook 01)."""
@@ -60,22 +65,37 @@ def deterministic_split(names: list[str]) -> dict[str, list[str]]:
     }
 
 
-def load_corpus(path: str | Path | None = None) -> Corpus:
-    """Return the corpus at `path` (default: the Rust corpus) split by document (first used in notebook 01)."""
-    folder = Path(path).expanduser() if path is not None else default_corpus_path()
+def _read_documents(folder: Path, what: str) -> dict[str, str]:
+    """Return {file name: text} of the .txt/.md documents in `folder` (README.md aside), in name order."""
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"Corpus folder {folder} does not exist. Pass path= a folder of .txt/.md files, "
-            "or path=None for the bundled Rust corpus (data/rust_concepts in a clone of the repository)."
+            f"{what} folder {folder} does not exist. Pass path= a folder of .txt/.md files, "
+            f"or path=None for the bundled one (under data/ in a clone of the repository)."
         )
     files = sorted(p for p in folder.iterdir()
                    if p.suffix in _SUFFIXES and p.is_file() and p.name.lower() != "readme.md")
     if not files:
-        raise ValueError(f"Corpus folder {folder} holds no .txt or .md files. Add one document per file.")
+        raise ValueError(f"{what} folder {folder} holds no .txt or .md files. Add one document per file.")
     texts = {p.name: _read_utf8(p) for p in files}
     empty = [n for n, t in texts.items() if not t.strip()]
     if empty:
-        raise ValueError(f"Corpus documents {empty} in {folder} are empty. Remove them or add text.")
+        raise ValueError(f"{what} documents {empty} in {folder} are empty. Remove them or add text.")
+    return texts
+
+
+def load_general(path: str | Path | None = None) -> list[str]:
+    """Return the documents of the general-English held-out set (default: data/general_english) (notebook 01).
+
+    Scored whole, never trained on and never used for a choice: it measures what fine-tuning forgets.
+    """
+    folder = Path(path).expanduser() if path is not None else default_general_path()
+    return list(_read_documents(folder, "General-text").values())
+
+
+def load_corpus(path: str | Path | None = None) -> Corpus:
+    """Return the corpus at `path` (default: the Rust corpus) split by document (first used in notebook 01)."""
+    folder = Path(path).expanduser() if path is not None else default_corpus_path()
+    texts = _read_documents(folder, "Corpus")
     split_file = folder / "splits.json"
     if split_file.is_file():
         splits = json.loads(split_file.read_text())

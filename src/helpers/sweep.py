@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .recipe import ORDER, RATE_GRID, REPORT_STRATEGIES
+from .recipe import ORDER, REPORT_STRATEGIES
 
 if TYPE_CHECKING:  # torch and transformers load inside the functions, so that --help answers at once
     from collections.abc import Callable
@@ -42,30 +42,76 @@ if TYPE_CHECKING:  # torch and transformers load inside the functions, so that -
 RESUME_RTOL = 1e-3
 
 
+DEPTH_OPTIONS = {"freeze_lower_layers": "n_frozen", "adapter_layers": "n_top"}
+"""The option that sets how deep a strategy reaches: blocks frozen from the bottom, blocks trained at the top."""
+
+# The fields sweep.json did not record before they existed (the sweep of 2026-11), with what each meant then:
+# sweep_results.sweep_spec fills them in, so that the old results are still read and re-run as they were made.
+LEGACY_SPEC = {"selection_seed": None, "edge_steps": 0, "depths": {}, "depth_sizes": [], "min_epochs": 0,
+               "tail_block": False, "score_general": False}
+
+SWEEP_RATES: dict[str, tuple[float, ...]] = {
+    "full_fine_tuning": (4.5e-5, 1e-4, 2.2e-4),
+    "freeze_embeddings": (4.5e-5, 1e-4, 2.2e-4),
+    "freeze_lower_layers": (2.2e-4, 5e-4, 1.1e-3),
+    "adapter_layers": (1.1e-3, 2.5e-3, 5.6e-3),
+    "lora": (2.5e-3, 5.6e-3, 1.3e-2),
+    "gradual_unfreezing": (2.2e-4, 5e-4, 1.1e-3),
+}
+"""The sweep's rate grid a strategy (SweepSpec.lrs), rates half a factor-5 step apart: the 2026-11 sweep's selection
+seed chose 1e-4, 1e-4, 5e-4, 2.5e-3, 2.5e-3 (the top of its grid, so LoRA's is centred a step higher) and 5e-4."""
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """What the sweep runs (notebook 09): sizes (label -> text tokens, None = the whole train split), grid and caps."""
 
-    sizes: dict = field(default_factory=lambda: {"8": 8, "128": 128, "2k": 2048, "8k": 8192, "full": None})
+    sizes: dict = field(default_factory=lambda: {"8": 8, "128": 128, "2k": 2048, "8k": 8192, "all": None})
     strategies: tuple = tuple(ORDER)
-    lrs: tuple = RATE_GRID
-    seeds: int = 3
+    lrs: tuple | dict = field(default_factory=lambda: dict(SWEEP_RATES))  # a tuple: one grid for all
+    edge_steps: int = 2          # when the best rate is the grid's lowest or highest, try one beyond, twice at most
+    edge_factor: float = 5 ** 0.5
+    seeds: int = 3               # scored seeds a cell, at the chosen rate
+    selection_seed: int | None = 0  # the seed whose runs choose the rate, never scored (None: seed 0, also scored)
+    depths: dict = field(default_factory=lambda: {"freeze_lower_layers": (10, 25), "adapter_layers": (8,)})
+    depth_sizes: tuple = ("2k", "8k")  # those of the sizes where the other depths run (the default depth runs at all)
     block_size: int = 128        # text tokens per training block (a smaller subset is one block of its own length)
     batch_size: int = 4          # blocks per optimizer step
     max_epochs: int = 20         # cap on passes over the subset ...
-    max_tokens: int = 8_192      # ... and on training tokens read: whichever comes first (16 steps of 4 x 128)
-    eval_every: int = 4          # validate every epoch, or every 4 steps when an epoch is longer
+    max_tokens: int = 8_192      # ... and on training tokens read, whichever comes first (16 steps of 4 x 128) ...
+    min_epochs: int = 1          # ... but every run reads its subset this many times, early stopping waiting for it
+    tail_block: bool = True      # a last block ending at the subset's last token, so that every token is read
+    eval_every: int = 8          # validate every epoch, or every 8 steps when an epoch is longer
     patience: int = 3            # validations without a new best before stopping; the best weights are kept
     val_blocks: int = 8          # the validation subset for early stopping and the rate choice: 8 x 128 tokens
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     eval_block_size: int = 256   # window of the test perplexity (the recipe's)
+    score_general: bool = True   # final models are scored on the general-English set too (data/general_english)
     report_draws: int = 10
     report_tokens: int = 8
     report_epochs: int = 20
     report_lr: float = 1e-4
     report_weight_decay: float = 0.01  # AdamW's default in candle (the report's library) and in torch
+
+    def rates(self, strategy: str) -> tuple[float, ...]:
+        """Return the rate grid of `strategy`; a depth variant takes its strategy's (notebook 09)."""
+        if isinstance(self.lrs, dict):
+            return tuple(self.lrs[split_variant(strategy)[0]])
+        return tuple(self.lrs)
+
+    def scored_seeds(self) -> list[int]:
+        """Return the seeds scored at the chosen rate: the first `seeds` ints but the selection seed (notebook 09)."""
+        if self.selection_seed is None:
+            return list(range(self.seeds))
+        return [s for s in range(self.seeds + 1) if s != self.selection_seed][: self.seeds]
+
+    def cells(self) -> list[tuple[str, str]]:
+        """Return every (size, strategy) of the grid, depth variants ('freeze_lower_layers@10') too (notebook 09)."""
+        variants = [f"{s}@{d}" for s in self.strategies for d in self.depths.get(s, ())]
+        return [(size, s) for size in self.sizes
+                for s in list(self.strategies) + (variants if size in self.depth_sizes else [])]
 
     def check(self) -> None:
         """Raise ValueError naming the first impossible field (first used in notebook 09)."""
@@ -80,17 +126,32 @@ class SweepSpec:
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
                 raise ValueError(f"Size {label!r} must be a number of tokens >= 2 (or None for the whole split); "
                                  f"got {n!r}.")
-        if not self.lrs or any(not lr > 0 for lr in self.lrs):
-            raise ValueError(f"The learning-rate grid must hold positive rates; got {list(self.lrs)}.")
+        missing = [s for s in self.strategies if isinstance(self.lrs, dict) and s not in self.lrs]
+        if missing:
+            raise ValueError(f"The rate grid names no rates for {missing}: add them to lrs, or give one grid for all.")
+        if any(not self.rates(s) or any(not lr > 0 for lr in self.rates(s)) for s in self.strategies):
+            raise ValueError(f"The learning-rate grid must hold positive rates; got {self.lrs}.")
+        odd = sorted(set(self.depths) - set(DEPTH_OPTIONS))
+        if odd:
+            raise ValueError(f"depths names {odd}: depths are for {', '.join(DEPTH_OPTIONS)} only.")
         for name in ("seeds", "batch_size", "max_epochs", "max_tokens", "eval_every", "val_blocks", "report_draws",
                      "report_epochs", "block_size", "report_tokens"):
             low = 2 if name in ("block_size", "report_tokens") else 1  # a block holds at least one input, one target
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}; got {getattr(self, name)}.")
+        if not 0 <= self.min_epochs <= self.max_epochs:
+            raise ValueError(f"min_epochs must lie between 0 and max_epochs ({self.max_epochs}); "
+                             f"got {self.min_epochs}.")
 
     def as_json(self) -> dict:
         """Return the spec as plain JSON data, as results/sweep/sweep.json records it (read in notebook 09)."""
-        return asdict(self) | {"strategies": list(self.strategies), "lrs": list(self.lrs)}
+        return json.loads(json.dumps(asdict(self)))
+
+
+def split_variant(strategy: str) -> tuple[str, dict]:
+    """Return (strategy, options) of a grid strategy: 'adapter_layers@8' -> (..., {'n_top': 8}) (notebook 09)."""
+    name, _, depth = strategy.partition("@")
+    return name, ({DEPTH_OPTIONS[name]: int(depth)} if depth else {})
 
 
 # --- what a result depends on --------------------------------------------------------------------------------------
@@ -181,7 +242,14 @@ def plan_steps(n_blocks: int, spec: SweepSpec, tokens_per_block: int) -> tuple[i
     batch = min(spec.batch_size, n_blocks)
     per_epoch = math.ceil(n_blocks / batch)
     cap = min(spec.max_epochs * per_epoch, max(1, spec.max_tokens // (batch * tokens_per_block)))
-    return cap, per_epoch, min(per_epoch, spec.eval_every)
+    return max(cap, spec.min_epochs * per_epoch), per_epoch, min(per_epoch, spec.eval_every)
+
+
+def blocks_read(steps: int, n_blocks: int, batch_size: int) -> int:
+    """Return how many blocks `steps` optimizer steps read, an epoch's last batch the remainder (notebook 09)."""
+    batch = min(batch_size, n_blocks)
+    per_epoch = math.ceil(n_blocks / batch)
+    return steps // per_epoch * n_blocks + min(steps % per_epoch * batch, n_blocks)
 
 
 def _strategy_copy(base: nn.Module, strategy: str, seed: int) -> nn.Module:
@@ -191,8 +259,9 @@ def _strategy_copy(base: nn.Module, strategy: str, seed: int) -> nn.Module:
 
     from .registry import apply_strategy
 
+    name, options = split_variant(strategy)
     torch.manual_seed(seed)  # LoRA's initialisation is drawn inside apply_strategy
-    return apply_strategy(copy.deepcopy(base), strategy)
+    return apply_strategy(copy.deepcopy(base), name, **options)
 
 
 def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr: float, seed: int,
@@ -211,7 +280,7 @@ def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr
     config = TrainConfig(
         steps=cap, lr=lr, warmup_steps=max(1, round(spec.warmup_fraction * cap)), min_lr_ratio=spec.min_lr_ratio,
         grad_clip=spec.grad_clip, weight_decay=0.0, eval_every=every, eval_batches=None, seed=seed,
-        patience=spec.patience, progress=False,
+        patience=spec.patience, min_steps=min(cap, spec.min_epochs * per_epoch), progress=False,
     )
     start = time.perf_counter()
     history = train_strategy(model, _loader(blocks, spec.batch_size, shuffle=True, seed=seed), val_data, config)
@@ -220,7 +289,8 @@ def train_run(base: nn.Module, blocks: torch.Tensor, val_data, strategy: str, lr
     trainable, total = count_parameters(model)
     checked = history.dropna(subset=["val_loss"])
     record = {
-        "strategy": strategy, "lr": lr, "seed": seed,
+        "strategy": strategy, "options": model.strategy_info.options, "lr": lr, "seed": seed,
+        "tokens_read": blocks_read(steps_run, len(blocks), spec.batch_size) * (blocks.shape[1] - n_prefix),
         "trainable_params": trainable_start, "trainable_params_at_stop": trainable, "total_params": total,
         "blocks": len(blocks), "tokens_per_block": int(blocks.shape[1]),
         "max_steps": cap, "steps_per_epoch": per_epoch, "eval_every": every,
@@ -260,19 +330,24 @@ def _read(path: Path) -> dict | None:
 # --- the sweep -----------------------------------------------------------------------------------------------------
 
 class Sweep:
-    """A sweep in one folder: its spec, model and data, and the loops that fill runs/ and report/ (notebook 09)."""
+    """A sweep in one folder: its spec, model and data, and the loops that fill runs/ and report/ (notebook 09).
+
+    `claims`: a folder shared by the worker processes of one command; each cell or draw is run by the worker that
+    claims it first. `session=False`: a worker, whose parent records the session's time in sweep.json.
+    """
 
     def __init__(self, out: str | Path, spec: SweepSpec | None = None, *, model_name: str | None = None,
                  corpus: str | Path | None = None, model_and_tokenizer: tuple | None = None,
-                 corpus_data: Corpus | None = None, progress: bool = True):
+                 corpus_data: Corpus | None = None, general_data: list[str] | None = None, progress: bool = True,
+                 claims: Path | None = None, session: bool = True):
         import numpy as np
 
-        from .data import load_corpus, make_blocks, special_prefix, tokenize
+        from .data import load_corpus, load_general, make_blocks, special_prefix, tokenize
         from .experiment import check_context
         from .models import default_model_name, load_model
 
         spec = self.spec = spec or SweepSpec()
-        self.out, self.progress = Path(out), progress
+        self.out, self.progress, self.claims, self.session = Path(out), progress, claims, session
         spec.check()
         self.model, self.tokenizer = model_and_tokenizer or load_model(model_name)
         self.model.eval()
@@ -282,9 +357,11 @@ class Sweep:
                       f"eval_block_size {spec.eval_block_size}, prefix {len(self.prefix)}; a SweepSpec with smaller "
                       "ones fits)")
         self.corpus = corpus_data or load_corpus(corpus)
-        ids = {split: tokenize(self.tokenizer, getattr(self.corpus, split))
-               for split in ("train", "validation", "test")}
-        self.train_ids, self.test_ids = ids["train"], ids["test"]
+        texts = {split: getattr(self.corpus, split) for split in ("train", "validation", "test")}
+        if spec.score_general:
+            texts["general"] = general_data or load_general()
+        ids = {split: tokenize(self.tokenizer, docs) for split, docs in texts.items()}
+        self.train_ids, self.test_ids, self.general_ids = ids["train"], ids["test"], ids.get("general")
         val = make_blocks(ids["validation"], spec.block_size + len(self.prefix), self.prefix)
         if len(val) < spec.val_blocks:
             raise ValueError(f"The validation split has {len(val)} blocks of {spec.block_size} tokens; the sweep asks "
@@ -298,13 +375,15 @@ class Sweep:
             if n > n_train:
                 raise ValueError(f"Size {label!r} asks for {n} training tokens; the train split has {n_train}.")
         model_name = model_name or (default_model_name() if model_and_tokenizer is None else type(self.model).__name__)
-        self.record = self._claim(model_name, ids)
+        self.record = self._claim(model_name, texts, ids)
+        self._started, self._trained, self._drawn, self._load = time.perf_counter(), 0, 0, []
+        self.workers = 1  # processes of this session (the command's --workers), recorded with its time
 
-    def _claim(self, model_name: str, ids: dict[str, torch.Tensor]) -> dict:
+    def _claim(self, model_name: str, texts: dict[str, list[str]], ids: dict[str, torch.Tensor]) -> dict:
         """Return sweep.json with a new session appended, written back; refuse a folder another sweep made."""
         path = self.out / "sweep.json"
-        corpus = {split: {"documents": len(getattr(self.corpus, split)), "tokens": len(tokens),
-                          "sha256": hashlib.sha256("\0".join(getattr(self.corpus, split)).encode()).hexdigest()[:16]}
+        corpus = {split: {"documents": len(texts[split]), "tokens": len(tokens),
+                          "sha256": hashlib.sha256("\0".join(texts[split]).encode()).hexdigest()[:16]}
                   for split, tokens in ids.items()}
         header = {"spec": self.spec.as_json(), "model": model_name, "corpus": corpus, "code_hash": code_hash()}
         found = _read(path)
@@ -316,19 +395,52 @@ class Sweep:
                              "with this code and spec. Pass another --out folder, or delete it to start again.")
         if found is None:
             found = header | _provenance(self.model) | {"sessions": []}
-        found["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0, "runs": 0})
-        _write(path, found)
+        if self.session:
+            found["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": 0.0, "runs": 0})
+            _write(path, found)
         return found
+
+    def end_session(self, runs: int | None = None, draws: int | None = None) -> None:
+        """Record in sweep.json this session's seconds, grid runs, report draws and mean 1-minute load (notebook 09).
+
+        The load is sampled at each call: above the cores' count, other work shared the machine and slowed it.
+        """
+        if not self.session:
+            return  # a worker: its parent records the session
+        self._load.append(os.getloadavg()[0])
+        self.record["sessions"][-1].update(
+            seconds=round(time.perf_counter() - self._started, 1), runs=self._trained if runs is None else runs,
+            draws=self._drawn if draws is None else draws, load_mean=round(sum(self._load) / len(self._load), 2),
+            workers=self.workers)
+        _write(self.out / "sweep.json", self.record)
+
+    def _take(self, task: str) -> bool:
+        """Return whether this process runs `task`: always alone, once among workers (the first to claim it)."""
+        if self.claims is None:
+            return True
+        try:
+            os.close(os.open(self.claims / task.replace("/", "__"), os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            return False
 
     def data(self, size: str, seed: int) -> tuple[torch.Tensor, int]:
         """Return (the training blocks of `size` drawn by `seed`, their offset); used in notebook 09's solutions.
 
-        Each block is the prefix and block_size text tokens; a shorter subset is one block of its own length.
+        Each block is the prefix and block_size text tokens; a shorter subset is one block of its own length. With
+        tail_block, a last block ends at the subset's last token (overlapping the one before), so all of it is read.
         """
+        import torch
+
         from .data import make_blocks
 
         ids, offset = subset(self.train_ids, self.spec.sizes[size], seed)
-        return make_blocks(ids, min(self.spec.block_size, ids.numel()) + len(self.prefix), self.prefix), offset
+        n_text = min(self.spec.block_size, ids.numel())
+        blocks = make_blocks(ids, n_text + len(self.prefix), self.prefix)
+        if self.spec.tail_block and ids.numel() % n_text:
+            tail = torch.cat([torch.tensor(self.prefix, dtype=ids.dtype), ids[-n_text:]])
+            blocks = torch.cat([blocks, tail[None]])
+        return blocks, offset
 
     def _perplexity(self, model: nn.Module, ids: torch.Tensor, window: int) -> float:
         from .evaluation import token_nll
@@ -340,13 +452,21 @@ class Sweep:
         """Return `model`'s perplexity on the whole test split in the recipe's window (notebook 09's solutions)."""
         return self._perplexity(model, self.test_ids, self.spec.eval_block_size)
 
+    def scores(self, model: nn.Module) -> dict[str, float]:
+        """Return a final model's test_ppl and, with score_general, general_ppl; no choice reads them (notebook 09)."""
+        scores = {"test_ppl": self.test_perplexity(model)}
+        if self.general_ids is not None:
+            scores["general_ppl"] = self._perplexity(model, self.general_ids, self.spec.eval_block_size)
+        return scores
+
     def train(self, size: str, strategy: str, lr: float, seed: int) -> tuple[nn.Module, dict]:
         """Return (the trained model, the record) of one grid run, not saved (notebook 09's live re-run)."""
         blocks, offset = self.data(size, seed)
         model, record = train_run(self.model, blocks, self.val_data, strategy, lr, seed, self.spec,
                                   n_prefix=len(self.prefix))
+        selection = 0 if self.spec.selection_seed is None else self.spec.selection_seed
         record.update(size=size, train_tokens=int(self.sizes[size]), offset=offset,
-                      phase="grid" if seed == 0 else "seed")
+                      phase="grid" if seed == selection else "seed")
         return model, record
 
     # - the grid -
@@ -358,57 +478,71 @@ class Sweep:
         """
         from .progress import tqdm
 
-        start, self._trained = time.perf_counter(), 0
-        cells = [(size, s) for size in self.spec.sizes for s in self.spec.strategies]
+        cells = self.spec.cells()
         done = sum(len(list((self.out / "runs" / size / s).glob("*.json"))) for size, s in cells)
-        bar = tqdm(total=len(cells) * (len(self.spec.lrs) + self.spec.seeds - 1), initial=done, desc="sweep",
-                   unit="run", disable=not self.progress)
+        planned = sum(len(self.spec.rates(s)) + self.spec.seeds for _, s in cells)
+        before_call = self._trained
+        bar = tqdm(total=planned, initial=done, desc="sweep", unit="run", disable=not self.progress)
         try:
-            for size, strategy in cells:
+            if self._take("baseline") and not (self.out / "baseline.json").is_file():
+                _write(self.out / "baseline.json", self.scores(self.model))  # the untrained model, once
+            # Workers take the longest cells first, so that the short ones at the end even out their finishing times.
+            for size, strategy in sorted(cells, key=lambda c: -self.sizes[c[0]]) if self.claims else cells:
                 before = self._trained
+                if not self._take(f"{size}/{strategy}"):
+                    continue
                 chosen = self._grid_cell(size, strategy, bar)
                 if self._trained > before:
-                    self._end_session(start)
+                    self.end_session()
                     if on_saved is not None:
                         on_saved(f"sweep: {size} x {strategy} done (lr {chosen:g} chosen on validation, "
                                  f"{self.spec.seeds} seeds)")
         finally:
             bar.close()
-            self._end_session(start)
-        return self._trained
-
-    def _end_session(self, start: float) -> None:
-        self.record["sessions"][-1].update(seconds=round(time.perf_counter() - start, 1), runs=self._trained)
-        _write(self.out / "sweep.json", self.record)
+            self.end_session()
+        return self._trained - before_call
 
     def _grid_cell(self, size: str, strategy: str, bar) -> float:
         """Train and measure what one cell lacks; return its chosen rate."""
+        spec = self.spec
+        selection = 0 if spec.selection_seed is None else spec.selection_seed
+        scored = spec.scored_seeds()
         models, grid = {}, {}
-        for lr in self.spec.lrs:
-            grid[lr] = _read(run_path(self.out, size, strategy, lr, 0))
+
+        def try_rate(lr: float) -> None:
+            grid[lr] = _read(run_path(self.out, size, strategy, lr, selection))
             if grid[lr] is None:
-                models[lr], grid[lr] = self._new_run(size, strategy, lr, 0, bar)
+                models[lr], grid[lr] = self._new_run(size, strategy, lr, selection, bar, final=False)
+
+        for lr in spec.rates(strategy):
+            try_rate(lr)
+        for _ in range(spec.edge_steps):  # the best rate at an edge of the grid: try one more beyond it
+            best, rates = choose_lr(grid), sorted(grid)
+            if best not in (rates[0], rates[-1]) or len(rates) == 1:
+                break
+            try_rate(float(f"{best * spec.edge_factor if best == rates[-1] else best / spec.edge_factor:.2g}"))
         chosen = choose_lr(grid)
-        if "test_ppl" not in grid[chosen]:
+        if selection in scored and "test_ppl" not in grid[chosen]:
             self._finish_chosen(size, strategy, chosen, grid[chosen], models.get(chosen))
         models.clear()
-        for seed in range(1, self.spec.seeds):
+        for seed in scored:
             if not run_path(self.out, size, strategy, chosen, seed).is_file():
-                self._new_run(size, strategy, chosen, seed, bar)
+                self._new_run(size, strategy, chosen, seed, bar, final=True)
         return chosen
 
-    def _new_run(self, size: str, strategy: str, lr: float, seed: int, bar) -> tuple[nn.Module, dict]:
+    def _new_run(self, size: str, strategy: str, lr: float, seed: int, bar, *,
+                 final: bool) -> tuple[nn.Module, dict]:
         bar.set_postfix_str(f"{size} {strategy} lr {lr:g} seed {seed}")
         model, record = self.train(size, strategy, lr, seed)
-        if seed > 0:  # more seeds run only at the chosen rate: each is a final run
-            record.update(chosen_lr=lr, final=True, test_ppl=self.test_perplexity(model))
+        if final:  # a scored seed at the chosen rate
+            record.update(chosen_lr=lr, final=True, **self.scores(model))
         _write(run_path(self.out, size, strategy, lr, seed), record)
         bar.update()
         self._trained += 1
         return model, record
 
     def _finish_chosen(self, size: str, strategy: str, lr: float, record: dict, model: nn.Module | None) -> None:
-        """Mark the chosen seed-0 run final with its test perplexity; a resumed sweep trains it again first."""
+        """Mark the chosen selection run final with its scores (selection_seed None); a resumed sweep re-trains it."""
         if model is None:
             model, again = self.train(size, strategy, lr, 0)
             if not math.isclose(again["best_val_loss"], record["best_val_loss"], rel_tol=RESUME_RTOL):
@@ -417,7 +551,7 @@ class Sweep:
                     f"not the recorded {record['best_val_loss']:.6f}: the runs are not reproducible on this "
                     "machine, so this sweep cannot be resumed here."
                 )
-        record.update(chosen_lr=lr, final=True, test_ppl=self.test_perplexity(model))
+        record.update(chosen_lr=lr, final=True, **self.scores(model))
         _write(run_path(self.out, size, strategy, lr, 0), record)
 
     # - the report's protocol -
@@ -430,15 +564,19 @@ class Sweep:
         from .progress import tqdm
 
         folder, draws = self.out / "report", self.spec.report_draws
+        todo = [d for d in range(draws) if not (folder / f"draw-{d}.json").is_file() and self._take(f"draw-{d}")]
+        if not todo:
+            return 0
         baseline_test = self.test_perplexity(self.model)
-        todo = [d for d in range(draws) if not (folder / f"draw-{d}.json").is_file()]
         with tqdm(total=draws, initial=draws - len(todo), desc="report protocol", unit="draw",
                   disable=not self.progress) as bar:
             for draw in todo:
                 bar.set_postfix_str(f"draw {draw}")
                 _write(folder / f"draw-{draw}.json", self.report_draw(draw, baseline_test))
+                self._drawn += 1
                 bar.update()
-        if todo and on_saved is not None:
+        self.end_session()
+        if on_saved is not None:
             on_saved(f"sweep: the report's protocol, {len(todo)} more draw(s)")
         return len(todo)
 
@@ -472,7 +610,7 @@ class Sweep:
             seq = self._perplexity(model, test_seq, block.shape[1])
             record["runs"][strategy] = {
                 "trainable_params": count_parameters(model)[0], "seq_ppl": seq,
-                "improvement_pct": 100 * (1 - seq / baseline), "test_ppl": self.test_perplexity(model),
+                "improvement_pct": 100 * (1 - seq / baseline), **self.scores(model),
                 "train_loss_first": float(losses.iloc[0]), "train_loss_last": float(losses.iloc[-1]),
                 "seconds": time.perf_counter() - start,
             }
@@ -503,15 +641,15 @@ def commit_results(out: Path, message: str) -> None:
           "commit them by hand", file=sys.stderr)
 
 
-_OPTIONS = {  # the SweepSpec fields the command sets: field -> (flag, metavar, help)
-    "strategies": ("--strategies", "NAME", "strategies of the grid"),
-    "lrs": ("--lrs", "RATE", "the learning-rate grid"),
-    "seeds": ("--seeds", "N", "seeds per size and strategy at the chosen rate"),
-    "max_epochs": ("--max-epochs", "N", "cap on passes over a subset"),
-    "max_tokens": ("--max-tokens", "N", "cap on training tokens a run reads"),
-    "patience": ("--patience", "N", "validations without a new best before a run stops"),
-    "val_blocks": ("--val-blocks", "N", "validation blocks for early stopping and the rate choice"),
-    "report_draws": ("--draws", "N", "random draws of the report's protocol"),
+_OPTIONS = {  # the SweepSpec fields the command sets: field -> (flag, metavar, type, help)
+    "strategies": ("--strategies", "NAME", str, "strategies of the grid"),
+    "lrs": ("--lrs", "RATE", float, "one learning-rate grid for every strategy"),
+    "seeds": ("--seeds", "N", int, "scored seeds per size and strategy at the chosen rate"),
+    "max_epochs": ("--max-epochs", "N", int, "cap on passes over a subset"),
+    "max_tokens": ("--max-tokens", "N", int, "cap on training tokens a run reads"),
+    "patience": ("--patience", "N", int, "validations without a new best before a run stops"),
+    "val_blocks": ("--val-blocks", "N", int, "validation blocks for early stopping and the rate choice"),
+    "report_draws": ("--draws", "N", int, "random draws of the report's protocol"),
 }
 
 
@@ -525,15 +663,20 @@ def _parser() -> argparse.ArgumentParser:
     sizes = [f"{k}={'all' if v is None else v}" for k, v in spec.sizes.items()]
     parser.add_argument("--sizes", nargs="+", metavar="LABEL=TOKENS", default=sizes, help="training-set sizes in "
                         f"text tokens, all = the whole train split (default: {' '.join(sizes)})")
-    for name, (flag, metavar, text) in _OPTIONS.items():
+    for name, (flag, metavar, kind, text) in _OPTIONS.items():
         default = getattr(spec, name)
-        many = isinstance(default, tuple)
-        shown = " ".join(map(str, default)) if many else default
+        many = isinstance(default, (tuple, dict))
+        shown = ("three per strategy, helpers.sweep.SWEEP_RATES" if isinstance(default, dict)
+                 else " ".join(map(str, default)) if many else default)
         parser.add_argument(flag, dest=name, default=default, nargs="+" if many else None, metavar=metavar,
-                            type=type(default[0] if many else default), help=f"{text} (default: {shown})")
+                            type=kind, help=f"{text} (default: {shown})")
     parser.add_argument("--model", default=None, metavar="NAME", help="model (default: the tutorial's default model)")
     parser.add_argument("--corpus", default=None, metavar="PATH",
                         help="corpus folder (default: the bundled Rust corpus)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="processes sharing the cores, each cell or draw run by one of them (default: 1); on "
+                             "2 cores, 2 one-thread workers ran 1.2x more training steps a second than one process")
+    parser.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # a worker's: its parent's claims folder
     parser.add_argument("--commit", action="store_true",
                         help="git-commit the results folder after each finished size x strategy (for long runs)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -550,24 +693,72 @@ def _sizes(values: list[str]) -> dict:
     return sizes
 
 
+def _run_workers(sweep: Sweep, argv: list[str], n: int) -> int:
+    """Run `n` copies of this command as workers sharing one claims folder; record the session as they go."""
+    import tempfile
+
+    from .progress import tqdm
+
+    def finished() -> tuple[int, int]:
+        return (len(list((sweep.out / "runs").glob("*/*/*.json"))),
+                len(list((sweep.out / "report").glob("draw-*.json"))))
+
+    runs, draws = finished()
+    with tempfile.TemporaryDirectory() as claims, tqdm(desc=f"sweep, {n} workers", unit="run", initial=runs + draws,
+                                                       disable=not sweep.progress) as bar:
+        command = [sys.executable, "-m", "helpers.sweep", *argv, "--claims", claims]
+        workers = [subprocess.Popen(command) for _ in range(n)]
+        try:
+            while any(w.poll() is None for w in workers):
+                time.sleep(10)
+                now = finished()
+                bar.update(sum(now) - bar.n)
+                sweep.end_session(now[0] - runs, now[1] - draws)
+        finally:
+            for w in workers:
+                w.wait()  # on Ctrl-C each worker saves what it finished and exits
+            now = finished()
+            sweep.end_session(now[0] - runs, now[1] - draws)
+    failed = [w.returncode for w in workers if w.returncode]
+    if failed:
+        print(f"helpers.sweep: {len(failed)} of {n} workers failed (exit {failed}); their messages are above. "
+              "Run the same command again to resume.", file=sys.stderr)
+    return max(failed, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep command, `python -m helpers.sweep`; return the exit status, 0 on success (notebook 09)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    worker = args.claims is not None
     try:
+        if args.workers < 1:
+            raise ValueError(f"--workers must be at least 1; got {args.workers}.")
         options = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(args).items() if name in _OPTIONS}
         spec = SweepSpec(**options, sizes=_sizes(args.sizes))
         from .models import quiet_transformers
 
         quiet_transformers()
+        if worker:
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
         sweep = Sweep(args.out or default_out(), spec, model_name=args.model, corpus=args.corpus,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress and not worker, claims=Path(args.claims) if worker else None,
+                      session=not worker)
         on_saved = (lambda message: commit_results(sweep.out, message)) if args.commit else None
         start = time.perf_counter()
-        if args.part in ("all", "report"):
-            sweep.run_report(on_saved=on_saved)
-        if args.part in ("all", "grid"):
-            sweep.run_grid(on_saved=on_saved)
-        if on_saved is not None:  # the session's final time, written after the last cell's commit
+        if args.workers > 1 and not worker:
+            sweep.workers = args.workers
+            status = _run_workers(sweep, argv, args.workers)
+            if status:
+                return status
+        else:
+            if args.part in ("all", "report"):
+                sweep.run_report(on_saved=on_saved)
+            if args.part in ("all", "grid"):
+                sweep.run_grid(on_saved=on_saved)
+        if on_saved is not None and not worker:  # the session's final time, written after the last cell's commit
             on_saved("sweep: the session's time")
     except (ValueError, OSError) as err:  # OSError: a model or corpus that cannot be read
         print(f"helpers.sweep: error: {err}", file=sys.stderr)
@@ -576,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         print("helpers.sweep: interrupted; every finished run is saved: run the same command again to resume.",
               file=sys.stderr)
         return 130
-    print(f"Sweep finished in {time.perf_counter() - start:.0f} s; results in {sweep.out}.")
+    if not worker:
+        print(f"Sweep finished in {time.perf_counter() - start:.0f} s; results in {sweep.out}.")
     return 0
 
 

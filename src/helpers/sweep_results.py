@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from .compare import REPORT_ROWS
 from .recipe import ORDER, REPORT_STRATEGIES
-from .sweep import Sweep, SweepSpec, default_out, run_path
+from .sweep import LEGACY_SPEC, Sweep, SweepSpec, default_out, run_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -18,9 +18,10 @@ if TYPE_CHECKING:
 
     from .data import Corpus
 
-RUN_COLUMNS = ["size", "train_tokens", "strategy", "lr", "seed", "phase", "final", "chosen_lr", "best_val_loss",
-               "start_val_loss", "best_step", "steps_run", "max_steps", "epochs_run", "stopped_early_at", "test_ppl",
-               "trainable_params", "trainable_params_at_stop", "train_seconds", "seconds"]
+RUN_COLUMNS = ["size", "train_tokens", "tokens_read", "strategy", "options", "lr", "seed", "phase", "final",
+               "chosen_lr", "best_val_loss", "start_val_loss", "best_step", "steps_run", "max_steps", "epochs_run",
+               "stopped_early_at", "test_ppl", "general_ppl", "trainable_params", "trainable_params_at_stop",
+               "train_seconds", "seconds"]
 
 DRAW_COLUMNS = ["draw", "strategy", "baseline_seq_ppl", "seq_ppl", "improvement_pct", "baseline_test_ppl", "test_ppl",
                 "trainable_params", "train_text", "test_text"]
@@ -46,8 +47,11 @@ def sweep_header(folder: str | Path | None = None) -> dict:
 
 def sweep_spec(folder: str | Path | None = None) -> SweepSpec:
     """Return the SweepSpec a sweep was run with (first used in notebook 03)."""
-    spec = sweep_header(folder)["spec"]
-    return SweepSpec(**spec | {"strategies": tuple(spec["strategies"]), "lrs": tuple(spec["lrs"])})
+    spec = LEGACY_SPEC | sweep_header(folder)["spec"]  # a field sweep.json lacks was not yet a choice
+    lrs = {s: tuple(r) for s, r in spec["lrs"].items()} if isinstance(spec["lrs"], dict) else tuple(spec["lrs"])
+    return SweepSpec(**spec | {"strategies": tuple(spec["strategies"]), "lrs": lrs,
+                               "depths": {s: tuple(d) for s, d in spec["depths"].items()},
+                               "depth_sizes": tuple(spec["depth_sizes"])})
 
 
 def sweep_runs(folder: str | Path | None = None) -> pd.DataFrame:
@@ -66,7 +70,8 @@ def sweep_runs(folder: str | Path | None = None) -> pd.DataFrame:
 
 
 def chosen_rate(strategy: str, size: str = "full", folder: str | Path | None = None) -> float:
-    """Return the rate the sweep chose for `strategy` at `size`: lowest seed-0 validation loss (notebook 08)."""
+    """Return the rate the sweep chose for `strategy` at `size`: the selection seed's lowest validation loss
+    (notebook 08)."""
     path = _folder(folder)
     spec = sweep_header(path)["spec"]
     if size not in spec["sizes"]:
@@ -108,11 +113,11 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def rate_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Return each seed-0 run's best validation loss: (size, strategy) by rate, and the choice (notebook 08)."""
-    grid = runs[runs["seed"] == 0].pivot_table(index=["size", "strategy"], columns="lr", values="best_val_loss",
-                                              observed=True)
+    """Return each selection run's best validation loss: (size, strategy) by rate, and the choice (notebook 08)."""
+    grid = runs[runs["phase"] == "grid"].pivot_table(index=["size", "strategy"], columns="lr",
+                                                    values="best_val_loss", observed=True)
     grid.columns = [f"val loss @ {lr:g}" for lr in grid.columns]
-    grid["chosen lr"] = runs[runs["final"] & (runs["seed"] == 0)].set_index(["size", "strategy"])["chosen_lr"]
+    grid["chosen lr"] = runs[runs["final"]].groupby(["size", "strategy"], observed=True)["chosen_lr"].first()
     return grid
 
 
@@ -259,7 +264,8 @@ def plot_report_draws(draws: pd.DataFrame) -> Figure:
 # --- re-running a committed run ------------------------------------------------------------------------------------
 
 def rerun(size: str, strategy: str, seed: int, *, folder: str | Path | None = None,
-          model_and_tokenizer: tuple | None = None, corpus_data: Corpus | None = None) -> dict:
+          model_and_tokenizer: tuple | None = None, corpus_data: Corpus | None = None,
+          general_data: list[str] | None = None) -> dict:
     """Return the record of one final run of the committed sweep, trained again here (notebook 09).
 
     It runs with the committed spec at the rate the sweep chose, in a temporary folder, never the committed one;
@@ -272,14 +278,14 @@ def rerun(size: str, strategy: str, seed: int, *, folder: str | Path | None = No
         raise ValueError(f"The sweep in {path} has no final run of {strategy} at size {size} with seed {seed}.")
     with tempfile.TemporaryDirectory() as tmp:
         sweep = Sweep(tmp, sweep_spec(path), model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data,
-                      progress=False)
+                      general_data=general_data, progress=False)
         model, record = sweep.train(size, strategy, lr, seed)
-        record.update(chosen_lr=lr, test_ppl=sweep.test_perplexity(model))
+        record.update(chosen_lr=lr, **sweep.scores(model))
     return record | {"committed": json.loads(committed.read_text()), "committed_path": str(committed)}
 
 
 def rerun_report_draw(draw: int = 0, *, folder: str | Path | None = None, model_and_tokenizer: tuple | None = None,
-                      corpus_data: Corpus | None = None) -> dict:
+                      corpus_data: Corpus | None = None, general_data: list[str] | None = None) -> dict:
     """Return draw `draw` of the report's protocol run again here, the committed one under 'committed' (notebook 09)."""
     path = _folder(folder)
     committed = path / "report" / f"draw-{draw}.json"
@@ -287,7 +293,7 @@ def rerun_report_draw(draw: int = 0, *, folder: str | Path | None = None, model_
         raise ValueError(f"The sweep in {path} has no report draw {draw}.")
     with tempfile.TemporaryDirectory() as tmp:
         sweep = Sweep(tmp, sweep_spec(path), model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data,
-                      progress=False)
+                      general_data=general_data, progress=False)
         record = sweep.report_draw(draw, sweep.test_perplexity(sweep.model))
     return record | {"committed": json.loads(committed.read_text())}
 

@@ -44,6 +44,8 @@ class TrainConfig:
     patience: int = 0
     """Early stopping: stop after this many validations in a row without a new lowest validation loss, and restore
     the weights of the lowest one (0: train every step, keep the last weights)."""
+    min_steps: int = 0
+    """Early stopping waits for this step: a run that must read its data once is not stopped before the end of it."""
 
     def check(self) -> None:
         """Raise ValueError naming the first field with an impossible value (called by train, notebook 03)."""
@@ -57,6 +59,7 @@ class TrainConfig:
              "must be None (all) or at least 1"),
             ("min_lr_ratio", not 0 <= self.min_lr_ratio <= 1, "must lie in [0, 1]"),
             ("patience", self.patience < 0, "must be >= 0 (0 = no early stopping)"),
+            ("min_steps", not 0 <= self.min_steps <= self.steps, f"must lie between 0 and steps ({self.steps})"),
         ]
         for name, impossible, rule in rules:
             if impossible:
@@ -341,7 +344,7 @@ def train(model: nn.Module, train_data: DataLoader, val_data: DataLoader, config
                 due = (config.eval_every and step % config.eval_every == 0) or step == config.steps
                 history.append(_row(step, stats, loss_sum / targets, lr_now, validate(step) if due else math.nan))
                 _report(bar, history[-1], callback)
-                if best.should_stop() and step < config.steps:
+                if best.should_stop() and config.min_steps <= step < config.steps:
                     stats["stopped_early_at"] = step
                     break
     except KeyboardInterrupt:
