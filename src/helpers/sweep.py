@@ -1,15 +1,18 @@
-"""When does freezing help? Every strategy at several training-set sizes, rates chosen on validation, several seeds.
+"""When does freezing help? Every strategy at several training-set sizes, on two axes: what it learns, what it forgets.
 
-`python -m helpers.sweep` runs two experiments and writes JSON under `results/sweep/`:
+`python -m helpers.sweep` runs two experiments and writes JSON under `results/sweep/` (or --out):
 
 * **report**: the report's own protocol with a working model: one 8-token training sequence, one 8-token test
   sequence, 20 epochs of AdamW at a constant 1e-4, for the report's four strategies, over several random draws;
-* **grid**: for each training-set size and strategy, three learning rates tried with seed 0 and compared on
-  validation loss, then more seeds (another subset and order each) at the chosen rate; every run stops early on
-  validation loss and keeps its best weights, and test perplexity is measured once per final model.
+* **grid**: for each training-set size and strategy (and, at some sizes, other freezing depths), a selection seed
+  tries each rate of the strategy's grid (one more beyond an edge where the best sits there) and the lowest
+  validation loss chooses; other seeds (another subset and order each) are then trained at the chosen rate and
+  scored. Every run reads its subset at least once, stops early on validation loss and keeps its best weights.
 
-Every finished run is one JSON file, so a killed sweep resumes where it stopped when run again with the same options;
-a sweep made by other code or another spec is refused rather than mixed into. Notebook 09 reads the results.
+Each final model is scored once on the Rust test split and once on the general-English set (data/general_english);
+neither score is used for any choice. Every finished run is one JSON file, so a killed sweep resumes where it
+stopped when run again with the same options; a sweep made by other code or another spec is refused rather than
+mixed into. `--workers 2` shares the cells among two processes. Notebook 09 reads the results.
 """
 from __future__ import annotations
 
