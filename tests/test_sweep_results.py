@@ -11,9 +11,9 @@ from matplotlib.figure import Figure
 from helpers.data import Corpus
 from helpers.sweep import LEGACY_SPEC, Sweep, SweepSpec
 from helpers.sweep_results import (
-    baseline_test_ppl, chosen_rate, completeness, paired_differences, plot_report_draws, plot_size_curves,
-    plot_val_curves, rank_counts, rate_table, relative_gap, report_draws, rerun, rerun_report_draw, summary_table,
-    sweep_header, sweep_runs, sweep_spec, verdicts,
+    against_reference, baseline_test_ppl, chosen_rate, completeness, paired_differences, plot_report_draws,
+    plot_size_curves, plot_val_curves, rank_counts, rate_table, relative_gap, report_draws, rerun, rerun_report_draw,
+    summary_table, sweep_header, sweep_runs, sweep_spec, t_interval, verdicts,
 )
 
 from conftest import char_tokenizer, tiny_model
@@ -191,3 +191,35 @@ def test_a_sweep_recorded_before_a_field_existed_reads_back_with_what_it_meant(f
     assert (old.selection_seed, old.edge_steps, old.min_epochs, old.tail_block, old.score_general) == (
         None, 0, 0, False, False)
     assert old.scored_seeds() == [0, 1, 2] and old.cells() == [(s, x) for s in SPEC.sizes for x in SPEC.strategies]
+
+
+def test_verdicts_against_the_reference_on_a_hand_made_example():
+    # Three seeds; the reference scores 20 on each. Gaps in %, chosen so that each verdict occurs once:
+    #   a: -5, -4, -6  -> mean -5 %, sd 1 %, half-width 4.303 x 1 / sqrt(3) = 2.484 %: (-7.48, -2.52) -> better
+    #   b: +0.1, -0.1, 0 -> (-0.248, +0.248) %, inside +-1 % -> equivalent
+    #   c: +3, +2, +4  -> (+0.52, +5.48) % -> worse
+    #   d: -2, +2, 0   -> (-4.97, +4.97) % -> undecided
+    import pandas as pd
+
+    gaps = {"a": (-5, -4, -6), "b": (0.1, -0.1, 0), "c": (3, 2, 4), "d": (-2, 2, 0)}
+    rows = [{"size": "2k", "strategy": "full_fine_tuning", "seed": s, "final": True, "test_ppl": 20.0}
+            for s in (1, 2, 3)]
+    rows += [{"size": "2k", "strategy": name, "seed": s, "final": True, "test_ppl": 20.0 * (1 + g / 100)}
+             for name, values in gaps.items() for s, g in zip((1, 2, 3), values)]
+    rows.append({"size": "2k", "strategy": "a", "seed": 0, "final": False, "test_ppl": 1.0})  # a selection run
+    runs = pd.DataFrame(rows).astype({"size": "category", "strategy": "category"})
+    table = against_reference(runs)
+    assert table["verdict"].to_dict() == {("2k", "a"): "better", ("2k", "b"): "equivalent", ("2k", "c"): "worse",
+                                          ("2k", "d"): "undecided"}
+    a = table.loc[("2k", "a")]
+    assert a["seeds"] == 3 and a["gap"] == pytest.approx(-0.05)
+    assert (a["low"], a["high"]) == pytest.approx((-0.05 - 4.303 * 0.01 / 3 ** 0.5, -0.05 + 4.303 * 0.01 / 3 ** 0.5))
+    # A wider margin makes the worse one, whose interval stops at 5.48 %, equivalent.
+    assert against_reference(runs, margin=0.06).loc[("2k", "c"), "verdict"] == "equivalent"
+
+
+def test_an_interval_needs_two_seeds():
+    with pytest.raises(ValueError, match="2 to 31 paired values"):
+        t_interval([1.0])
+    mean, low, high = t_interval([1.0, 3.0])  # sd sqrt(2), df 1: half-width 12.706 x sqrt(2) / sqrt(2)
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - 12.706, 2.0 + 12.706))

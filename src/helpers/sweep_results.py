@@ -155,6 +155,59 @@ def verdicts(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["size", "strategy"])
 
 
+# --- verdicts against the reference, fixed before the sweep ran -------------------------------------------------------
+
+REFERENCE = "full_fine_tuning"
+"""Every strategy is compared with this one alone, chosen in advance, so no correction for many comparisons is due."""
+
+MARGIN = 0.01
+"""Practical equivalence: perplexities within 1 % of each other are as good as equal, fixed in advance."""
+
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+"""Student's t, 97.5th percentile, for 1 to 30 degrees of freedom: the half-width of a 95 % two-sided interval."""
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Return (mean, low, high): the 95 % t-interval of the mean of `values`, one per seed (notebook 09)."""
+    n = len(values)
+    if not 2 <= n <= len(T_975) + 1:
+        raise ValueError(f"A t-interval needs 2 to {len(T_975) + 1} paired values (seeds); got {n}.")
+    mean = statistics.fmean(values)
+    half = T_975[n - 2] * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float, margin: float = MARGIN) -> str:
+    """Return 'equivalent' (interval inside +-margin), 'better' (below 0), 'worse' or 'undecided' (notebook 09)."""
+    if -margin < low and high < margin:
+        return "equivalent"
+    return "better" if high < 0 else "worse" if low > 0 else "undecided"
+
+
+def against_reference(runs: pd.DataFrame, metric: str = "test_ppl", reference: str = REFERENCE,
+                      margin: float = MARGIN) -> pd.DataFrame:
+    """Return per (size, strategy) the relative paired gap to `reference` on `metric`, its 95 % interval and the
+    verdict (notebook 09): strategy / reference - 1 seed by seed, negative = lower perplexity than the reference."""
+    import pandas as pd
+
+    finals = runs[runs["final"]]
+    rows = []
+    for (size, strategy), cell in finals.groupby(["size", "strategy"], observed=True):
+        if strategy == reference:
+            continue
+        ref = finals[(finals["size"] == size) & (finals["strategy"] == reference)].set_index("seed")[metric]
+        mine = cell.set_index("seed")[metric]
+        seeds = sorted(set(ref.index) & set(mine.index))
+        if len(seeds) < 2:
+            raise ValueError(f"{strategy} and {reference} at size {size} share {len(seeds)} scored seed(s); a paired "
+                             "interval needs 2 or more. Finish the sweep first.")
+        mean, low, high = t_interval([mine[s] / ref[s] - 1 for s in seeds])
+        rows.append({"size": size, "strategy": strategy, "seeds": len(seeds), "gap": mean, "low": low, "high": high,
+                     "verdict": verdict(low, high, margin)})
+    return pd.DataFrame(rows).set_index(["size", "strategy"])
+
+
 def report_draws(folder: str | Path | None = None) -> pd.DataFrame:
     """Return the report's protocol redone: per (draw, strategy), 8-token and test perplexities, ranks (notebook 09)."""
     import pandas as pd
