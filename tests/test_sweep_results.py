@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
@@ -13,7 +14,8 @@ from helpers.sweep import LEGACY_SPEC, Sweep, SweepSpec
 from helpers.sweep_results import (
     against_reference, baseline_test_ppl, chosen_rate, completeness, paired_differences, plot_report_draws,
     plot_size_curves, plot_val_curves, rank_counts, rate_table, relative_gap, report_draws, rerun, rerun_report_draw,
-    summary_table, sweep_header, sweep_runs, sweep_spec, t_interval, verdicts,
+    plot_depth, plot_trade_off, summary_table, sweep_header, sweep_runs, sweep_spec, t_interval, trade_off_table,
+    verdicts,
 )
 
 from conftest import char_tokenizer, tiny_model
@@ -25,7 +27,8 @@ RUST = (
 CORPUS = Corpus(train=[RUST * 4, RUST * 3], validation=[RUST * 2], test=[RUST])
 GENERAL = ["The tide comes in twice a day, and the boats rest on the sand between. " * 3]
 SPEC = SweepSpec(sizes={"8": 8, "64": 64}, strategies=("full_fine_tuning", "freeze_lower_layers", "lora"), seeds=3,
-                 lrs=(1e-4, 5e-4, 2.5e-3), edge_steps=0, depths={}, block_size=32, val_blocks=2, max_tokens=512,
+                 lrs=(1e-4, 5e-4, 2.5e-3), edge_steps=0, depths={"freeze_lower_layers": (1,)}, depth_sizes=("64",),
+                 block_size=32, val_blocks=2, max_tokens=512,
                  eval_every=4, report_draws=3, eval_block_size=64)
 TOKENIZER = char_tokenizer(bos=False)
 
@@ -48,14 +51,15 @@ def folder(tmp_path_factory) -> Path:
 
 def test_runs_table_has_every_run_in_order(folder):
     runs = sweep_runs(folder)
-    assert len(runs) == 2 * 3 * (3 + 3)  # three rates with the selection seed, then three scored seeds
+    assert len(runs) == (2 * 3 + 1) * (3 + 3)  # 3 rates with the selection seed, 3 scored seeds; a depth at 64
     assert list(runs["size"].cat.categories) == ["8", "64"]
-    assert list(runs["strategy"].cat.categories) == ["full_fine_tuning", "freeze_lower_layers", "lora"]
-    assert runs["final"].sum() == 2 * 3 * 3
+    assert list(runs["strategy"].cat.categories) == ["full_fine_tuning", "freeze_lower_layers", "lora",
+                                                     "freeze_lower_layers@1"]
+    assert runs["final"].sum() == (2 * 3 + 1) * 3
     assert runs[~runs["final"]]["test_ppl"].isna().all() and (runs[runs["final"]]["test_ppl"] > 1).all()
     assert runs[~runs["final"]]["general_ppl"].isna().all() and (runs[runs["final"]]["general_ppl"] > 1).all()
     assert set(runs[runs["final"]]["seed"]) == {1, 2, 3} and set(runs[~runs["final"]]["seed"]) == {0}
-    assert completeness(runs, sweep_spec(folder)) == {"cells": 6, "complete": 6}
+    assert completeness(runs, sweep_spec(folder)) == {"cells": 7, "complete": 7}
 
 
 def test_spec_reads_back_as_written(folder):
@@ -66,7 +70,7 @@ def test_spec_reads_back_as_written(folder):
 def test_summary_is_the_mean_and_spread_of_the_final_seeds(folder):
     runs = sweep_runs(folder)
     table = summary_table(runs)
-    assert len(table) == 6 and (table["seeds"] == 3).all()
+    assert len(table) == 7 and (table["seeds"] == 3).all()
     finals = runs[runs["final"] & (runs["size"] == "64") & (runs["strategy"] == "lora")]["test_ppl"]
     row = table.loc[("64", "lora")]
     assert row["test_mean"] == pytest.approx(finals.mean()) and row["test_std"] == pytest.approx(finals.std())
@@ -76,7 +80,7 @@ def test_summary_is_the_mean_and_spread_of_the_final_seeds(folder):
 def test_rate_table_shows_each_grid_loss_and_the_lowest_is_chosen(folder):
     rates = rate_table(sweep_runs(folder))
     losses = rates[[c for c in rates.columns if c.startswith("val loss @")]]
-    assert losses.shape == (6, 3)
+    assert losses.shape == (7, 3)
     for index, row in losses.iterrows():
         chosen = float(row.idxmin().split("@ ")[1])
         assert rates.loc[index, "chosen lr"] == pytest.approx(chosen)
@@ -86,7 +90,7 @@ def test_chosen_rate_is_the_rate_tables_choice(folder):
     rates = rate_table(sweep_runs(folder))
     for (size, strategy), row in rates.iterrows():
         assert chosen_rate(strategy, size, folder) == pytest.approx(row["chosen lr"])
-        assert chosen_rate(strategy, size, folder) in SPEC.lrs
+        assert chosen_rate(strategy, size, folder) in SPEC.rates(strategy)
 
 
 def test_chosen_rate_refuses_what_the_sweep_did_not_run(folder, tmp_path):
@@ -138,6 +142,24 @@ def test_report_draws_rank_the_four_strategies_per_draw(folder):
     counts = rank_counts(draws)
     assert counts.to_numpy().sum() == 12 and (counts.sum(axis=1) == 3).all()
     assert baseline_test_ppl(folder) == draws["baseline_test_ppl"].iloc[0]
+
+
+def test_trade_off_table_and_figures_hold_both_axes(folder):
+    runs = sweep_runs(folder)
+    table = trade_off_table(runs)
+    finals = runs[runs["final"] & (runs["size"] == "64") & (runs["strategy"] == "lora")]
+    for metric in ("test", "general"):
+        mean, low, _ = t_interval(finals[f"{metric}_ppl"].tolist())
+        assert table.loc[("64", "lora"), f"{metric}_mean"] == pytest.approx(mean)
+        assert table.loc[("64", "lora"), f"{metric}_half"] == pytest.approx(mean - low)
+    assert table.loc[("64", "freeze_lower_layers"), "depth"] == 2
+    assert table.loc[("64", "freeze_lower_layers@1"), "depth"] == 1
+    assert pd.isna(table.loc[("64", "lora"), "depth"]) and table.loc[("8", "lora"), "tokens_read"] > 0
+    baseline = json.loads((folder / "baseline.json").read_text())
+    trade_off = plot_trade_off(table, baseline)
+    assert len(trade_off.axes) == 2 and trade_off.axes[0].get_xlabel().startswith("Rust test perplexity")
+    depth = plot_depth(table, "freeze_lower_layers")
+    assert [len(ax.containers) for ax in depth.axes] == [1, 1]  # one size with two depths: one line a panel
 
 
 def test_figures_draw(folder):

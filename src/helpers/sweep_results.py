@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from .compare import REPORT_ROWS
 from .recipe import ORDER, REPORT_STRATEGIES
-from .sweep import LEGACY_SPEC, Sweep, SweepSpec, default_out, run_path
+from .sweep import DEPTH_OPTIONS, LEGACY_SPEC, Sweep, SweepSpec, default_out, run_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -73,13 +73,13 @@ def chosen_rate(strategy: str, size: str = "full", folder: str | Path | None = N
     """Return the rate the sweep chose for `strategy` at `size`: the selection seed's lowest validation loss
     (notebook 08)."""
     path = _folder(folder)
-    spec = sweep_header(path)["spec"]
-    if size not in spec["sizes"]:
+    spec = sweep_spec(path)
+    if size not in spec.sizes:
         raise ValueError(f"The sweep in {path} has no training-set size {size!r}. "
-                         f"Its sizes: {', '.join(spec['sizes'])}.")
-    if strategy not in spec["strategies"]:
-        raise ValueError(f"The sweep in {path} did not run strategy {strategy!r}, so it chose no rate for it. "
-                         f"Its strategies: {', '.join(spec['strategies'])}.")
+                         f"Its sizes: {', '.join(spec.sizes)}.")
+    if (size, strategy) not in spec.cells():
+        raise ValueError(f"The sweep in {path} did not run strategy {strategy!r} at size {size!r}, so it chose no "
+                         f"rate for it. Its strategies there: {', '.join(s for z, s in spec.cells() if z == size)}.")
     records = [json.loads(p.read_text()) for p in sorted((path / "runs" / size / strategy).glob("*.json"))]
     rates = {r["chosen_lr"] for r in records if r.get("final") and r.get("chosen_lr") is not None}
     if not rates:
@@ -97,9 +97,9 @@ def baseline_test_ppl(folder: str | Path | None = None) -> float:
 
 
 def completeness(runs: pd.DataFrame, spec: SweepSpec) -> dict[str, int]:
-    """Return {'cells': planned size x strategy cells, 'complete': cells with all final seeds} (notebook 09)."""
+    """Return {'cells': planned (size, strategy) cells, 'complete': cells with all scored seeds} (notebook 09)."""
     complete = int((summary_table(runs)["seeds"] >= spec.seeds).sum())
-    return {"cells": len(spec.sizes) * len(spec.strategies), "complete": complete}
+    return {"cells": len(spec.cells()), "complete": complete}
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -208,6 +208,24 @@ def against_reference(runs: pd.DataFrame, metric: str = "test_ppl", reference: s
     return pd.DataFrame(rows).set_index(["size", "strategy"])
 
 
+def trade_off_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return per (size, strategy) the tokens read and, on both axes, the seeds' mean and 95 % half-width
+    (notebook 09): test_* is what a strategy learned of Rust, general_* what it kept of general English."""
+    import pandas as pd
+
+    rows = []
+    for (size, strategy), cell in runs[runs["final"]].groupby(["size", "strategy"], observed=True):
+        options = cell["options"].iloc[0] if isinstance(cell["options"].iloc[0], dict) else {}
+        depth = options.get(DEPTH_OPTIONS.get(str(strategy).partition("@")[0], ""))  # blocks frozen or trained
+        row = {"size": size, "strategy": strategy, "depth": depth, "seeds": len(cell),
+               "tokens_read": cell["tokens_read"].mean()}
+        for metric in ("test", "general"):
+            mean, low, _ = t_interval(cell[f"{metric}_ppl"].tolist())
+            row |= {f"{metric}_mean": mean, f"{metric}_half": mean - low}
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(["size", "strategy"])
+
+
 def report_draws(folder: str | Path | None = None) -> pd.DataFrame:
     """Return the report's protocol redone: per (draw, strategy), 8-token and test perplexities, ranks (notebook 09)."""
     import pandas as pd
@@ -260,6 +278,64 @@ def plot_size_curves(runs: pd.DataFrame, *, baseline: float | None = None) -> Fi
     ax.grid(alpha=0.3, lw=0.5)
     ax.legend(fontsize=8, ncols=2, loc="lower left")
     fig.tight_layout()
+    return fig
+
+
+def _color(strategy: str) -> str | None:
+    return _COLORS.get(strategy.partition("@")[0])
+
+
+def plot_trade_off(table: pd.DataFrame, baseline: dict[str, float]) -> Figure:
+    """Return Rust test perplexity against general perplexity, a panel per size: a point per strategy and depth
+    with 95 % seed intervals, the untrained model as a star (notebook 09). Down-left learns more, forgets less."""
+    from .plotting import new_figure
+
+    sizes = list(table.index.get_level_values("size").unique())
+    fig = new_figure(3.3 * len(sizes), 3.6)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, len(sizes), squeeze=False, sharey=True).ravel()
+    for ax, size in zip(axes, sizes):
+        for strategy, row in table.loc[size].iterrows():
+            depth = "@" in strategy
+            ax.errorbar(row["test_mean"], row["general_mean"], xerr=row["test_half"], yerr=row["general_half"],
+                        fmt="s" if depth else "o", mfc="white" if depth else _color(strategy), ms=5, lw=1,
+                        color=_color(strategy), label=strategy.replace("_", " "))
+        ax.plot([baseline["test_ppl"]], [baseline["general_ppl"]], "*", color="black", ms=10, label="untrained")
+        read = table.loc[size, "tokens_read"].mean()
+        ax.set_title(f"size {size}: {read:,.0f} tokens read (mean)", fontsize=9)
+        ax.set_xlabel("Rust test perplexity (learning: lower is better)", fontsize=8)
+        ax.grid(alpha=0.3, lw=0.5)
+    axes[0].set_ylabel("general-English perplexity\n(forgetting: higher is worse)", fontsize=8)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=5, fontsize=7, frameon=False)
+    fig.suptitle("what each strategy learned and forgot; bars: 95 % intervals over seeds", fontsize=10)
+    return fig
+
+
+def plot_depth(table: pd.DataFrame, strategy: str) -> Figure:
+    """Return test and general perplexity against the depth of `strategy` (blocks frozen or trained), a line per
+    size where several depths ran (notebook 09)."""
+    from .plotting import new_figure
+
+    rows = table.reset_index()
+    rows = rows[rows["strategy"].astype(str).str.partition("@")[0] == strategy]
+    fig = new_figure(8.0, 3.4)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, 2).ravel()
+    for size, cell in rows.groupby("size", observed=True):
+        if len(cell) < 2:
+            continue
+        cell = cell.sort_values("depth")
+        for ax, metric in zip(axes, ("test", "general")):
+            ax.errorbar(cell["depth"], cell[f"{metric}_mean"], yerr=cell[f"{metric}_half"], marker="o", ms=4,
+                        lw=1.2, capsize=2, label=f"size {size}")
+    for ax, what in zip(axes, ("Rust test perplexity (learning)", "general-English perplexity (forgetting)")):
+        ax.set_xlabel(f"{DEPTH_OPTIONS[strategy].replace('_', ' ')} (blocks)", fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel(what, fontsize=9)
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{strategy.replace('_', ' ')} at several depths; bars: 95 % intervals over seeds", fontsize=10)
     return fig
 
 
