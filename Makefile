@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # (make lab leaves the Hub reachable, so TUTORIAL_MODEL can name a Hub id.)
 unit unit-all nbval browser notebooks benchmarks: export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup lock lint lab test unit unit-all nbval browser notebooks student benchmarks clean-cache clean
+.PHONY: setup lock lint lab test unit unit-all nbval site browser notebooks student benchmarks clean-cache clean
 
 setup: $(STAMP)
 
@@ -56,10 +56,21 @@ unit-all: setup
 nbval: setup
 	$(PY) -m pytest --nbval notebooks/ solutions/ -q -p no:cacheprovider
 
+# The course website in site/ (git-ignored), from the committed, executed notebooks, never running them
+# (docs/site/conf.py: Sphinx, myst-nb, the book theme; no network). -W --keep-going -n: every broken internal link,
+# missing linked file or missing heading anchor is listed, then fails the build. -E re-reads every page, so an earlier
+# build's cache never hides a warning; rm -rf drops the pages of removed notebooks. 15 s here.
+# tests/test_site.py builds with the same flags. Open it with: python -m http.server -d site
+SITE_FLAGS := -b html -c docs/site -d build/site-doctrees -W --keep-going -n -E -q
+site: setup
+	rm -rf site
+	$(PY) -m sphinx $(SITE_FLAGS) . site
+
 # JupyterLab in headless Chromium: every notebook opens clean and renders; notebook 08's widgets work when clicked.
-# Without a browser it is skipped with one line saying how to get one (TUTORIAL_REQUIRE_BROWSER=1 makes that a
-# failure, as in CI). Screenshots: tests/browser/screenshots/.
-browser: setup
+# The course website (built first) too: its chapters load clean with every image drawn, search finds, next links walk
+# the chapters. Without a browser it is skipped with one line saying how to get one (TUTORIAL_REQUIRE_BROWSER=1 makes
+# that a failure, as in CI). Screenshots: tests/browser/screenshots/.
+browser: setup site
 	$(PY) -m pytest tests/browser -q -rs -p no:cacheprovider
 
 test: lint unit-all nbval browser
