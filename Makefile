@@ -73,15 +73,31 @@ site: setup
 browser: setup site
 	$(PY) -m pytest tests/browser -q -rs -p no:cacheprovider
 
-test: lint unit-all nbval browser
+test: lint nbgrader unit-all nbval browser
 
 # Re-execute every notebook in place, outputs included (commit the result).
 notebooks: setup
 	$(PY) scripts/run_notebooks.py notebooks/*.ipynb
 
-# Output-free copies for students (commit them: tests/test_student.py checks they match the notebooks).
+# Workbooks for students (student/: every notebook output-free, five with a mechanic blanked to fill in) and nbgrader's
+# source versions for teachers (teacher/source/). Commit both: tests/test_student.py checks they match the notebooks.
 student: setup
-	$(PY) scripts/student_copies.py notebooks student
+	$(PY) scripts/student_copies.py notebooks student teacher
+
+# nbgrader 0.9.6 for teachers (README, "For teachers"), in a venv of its own: it would install beside the pinned set
+# (it only adds the five packages pinned here), but in .venv its server and JupyterLab extensions would load in every
+# `make lab` and browser test. It runs the notebooks on .venv's kernel (the python3 kernelspec installed below).
+# tests/test_workbooks.py grades a workbook with it, and is skipped without it.
+NBGRADER_VENV := build/nbgrader-venv
+NBGRADER_PINS := nbgrader==0.9.6 notebook==7.6.5 alembic==1.20.1 Mako==1.4.3 RapidFuzz==3.14.6
+.PHONY: nbgrader
+nbgrader: $(NBGRADER_VENV)/.installed
+
+$(NBGRADER_VENV)/.installed: Makefile $(CONSTRAINTS) $(STAMP)
+	test -x $(NBGRADER_VENV)/bin/python || $(PYTHON) -m venv $(NBGRADER_VENV)
+	$(NBGRADER_VENV)/bin/python -m pip install -q $(NBGRADER_PINS) -c $(CONSTRAINTS)
+	$(PY) -m ipykernel install --prefix $(NBGRADER_VENV) --name python3 --display-name "Python 3 (ipykernel)"
+	touch $@
 
 benchmarks: setup
 	$(PY) benchmarks/kv_cache.py
