@@ -15,7 +15,7 @@ import helpers
 PACKAGE = Path(helpers.__file__).parent
 
 SUBMODULES_ONLY = {
-    "compare", "compat", "engine", "families", "finetune", "gguf_cache", "progress", "sweep", "sweep_results",
+    "compare", "compat", "doctor", "engine", "families", "finetune", "gguf_cache", "progress", "sweep", "sweep_results",
     "widgets",
 }
 """Modules none of whose names `helpers.<name>` gives: the commands and the tooling, reached as `helpers.compare.x`."""
@@ -175,8 +175,9 @@ TEACHING_CORE = {"data", "evaluation", "strategies", "training", "lora", "unfree
 CORE_SUPPORT = {"families", "engine", "device", "progress", "compat"}
 """What the core may lean on: other families' quirks, the Accelerate engine, devices, progress bars, version checks."""
 
-TOOLING = {"sweep", "sweep_results", "finetune", "gguf_cache"}
-"""The sweep runner, the command lines and the conversion cache; compare's command sits beside its notebook code."""
+TOOLING = {"sweep", "sweep_results", "finetune", "gguf_cache", "doctor"}
+"""The sweep runner, the command lines, the conversion cache and the environment check; compare's command sits
+beside its notebook code."""
 
 
 def test_the_teaching_core_stands_apart_from_the_tooling():

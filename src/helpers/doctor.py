@@ -80,7 +80,7 @@ def cache_state() -> tuple[list[str], list[str]]:
 
 
 def chromium() -> str | None:
-    """Return the Chromium the browser tests would drive, found as tests/browser/conftest.py finds it (make browser)."""
+    """Return the Chromium the browser tests would drive, found as tests/browser/conftest.py does (notebook 00)."""
     named = os.environ.get(CHROMIUM_ENV)
     if named:
         return named if Path(named).is_file() else None
