@@ -1,9 +1,7 @@
 """`python -m helpers.doctor`: what a bug report needs (versions, device, model cache, pitfalls); exit 1 names fixes."""
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -53,7 +51,7 @@ def device_check(seconds: float = 1.0) -> tuple[list[str], list[str]]:
 def cache_state() -> tuple[list[str], list[str]]:
     """Return (lines, failures) for the model package and the model cache, read and never written (notebook 00)."""
     from . import models
-    from .gguf_cache import _problem, cache_key
+    from .gguf_cache import _problem, cache_key, entry_folder
 
     cache, installed = models.cache_dir(), version(models._DEFAULT_DIST)
     size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.is_dir() else 0
@@ -68,9 +66,8 @@ def cache_state() -> tuple[list[str], list[str]]:
         what = "is not installed" if installed is None else f"is installed without its {models._DEFAULT_GGUF}"
         return lines, [f"FAIL default model package: {models._DEFAULT_DIST} {what}; fix: {fix}"]
     key = cache_key(gguf, f"{models._DEFAULT_DIST}=={installed}")
-    # The folder name convert_gguf gives this key; its own _problem then says whether the folder is complete.
-    folder = cache / f"{gguf.stem}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
-    problem = _problem(folder, key)
+    folder = entry_folder(gguf, cache, key)
+    problem = _problem(folder, key)  # convert_gguf's own check of its folder
     if problem == "":
         return lines + ["default model: not converted yet (the first load_model converts it, once)"], []
     if problem is None:

@@ -65,10 +65,15 @@ def _problem(folder: Path, key: dict[str, object]) -> str | None:
     return None
 
 
+def entry_folder(gguf: Path, cache: Path, key: dict[str, object]) -> Path:
+    """Return the folder in `cache` that holds `gguf` converted under `key` (notebook 00)."""
+    return cache / f"{gguf.stem}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
 def convert_gguf(gguf: Path, cache: Path, package: str | None = None) -> Path:
     """Return the folder in `cache` holding `gguf` as fp32 safetensors and tokenizer, converted once (notebook 00)."""
     key = cache_key(gguf, package)
-    target = cache / f"{gguf.stem}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+    target = entry_folder(gguf, cache, key)
     if _problem(target, key) is None:
         return target
     cache.mkdir(parents=True, exist_ok=True)
