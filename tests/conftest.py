@@ -89,6 +89,17 @@ def char_tokenizer(*, bos: bool) -> PreTrainedTokenizerFast:
     return fast
 
 
+def save_reader_model(folder, family: str, *, bos: bool) -> str:
+    """Save in `folder` a tiny model of `family` and a char tokenizer (with or without BOS), with the recipe's
+    256-token context, as a reader's own model would be saved for TUTORIAL_MODEL; return the folder's path."""
+    config = tiny_config(family)
+    setattr(config, "n_positions" if family == "gpt2" else "max_position_embeddings", 512)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    char_tokenizer(bos=bos).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def bos_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer that adds a BOS token by default (id 1), like Llama's."""

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 from nbclient import NotebookClient
-from transformers import AutoModelForCausalLM
 
 from helpers.experiment import results_dir
 
-from conftest import char_tokenizer, tiny_config
+from conftest import save_reader_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -25,13 +23,8 @@ OTHER_MODELS = {"gpt2": False, "llama": True}
 def other_model(request, tmp_path_factory) -> str:
     """Return the folder of a tiny saved model of the family, with the recipe's 256-token context; its results go."""
     family = request.param
-    config = tiny_config(family)
-    setattr(config, "n_positions" if family == "gpt2" else "max_position_embeddings", 512)
-    folder = tmp_path_factory.mktemp(f"other-{family}")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    char_tokenizer(bos=OTHER_MODELS[family]).save_pretrained(folder)
-    yield str(folder)
+    folder = save_reader_model(tmp_path_factory.mktemp(f"other-{family}"), family, bos=OTHER_MODELS[family])
+    yield folder
     shutil.rmtree(results_dir(str(folder)), ignore_errors=True)  # results/other-models/<model>/: the run's own
 
 

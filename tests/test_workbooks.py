@@ -13,13 +13,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 from nbclient import NotebookClient
-from transformers import AutoModelForCausalLM
 
 from helpers.experiment import results_dir
 
-from conftest import char_tokenizer, tiny_config
+from conftest import save_reader_model
 from test_student import BLANKS, ROOT, read, student_copies
 
 NBGRADER_VENV = ROOT / "build" / "nbgrader-venv"
@@ -29,13 +27,8 @@ GRADED_BY_NBGRADER = "07_lora"  # of the five, three graded cells, and quick on 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """Return the folder of a tiny saved Llama whose tokenizer adds a BOS, with the recipe's 256-token context."""
-    config = tiny_config("llama")
-    config.max_position_embeddings = 512
-    folder = tmp_path_factory.mktemp("workbook-llama")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    char_tokenizer(bos=True).save_pretrained(folder)
-    yield str(folder)
+    folder = save_reader_model(tmp_path_factory.mktemp("workbook-llama"), "llama", bos=True)
+    yield folder
     shutil.rmtree(results_dir(str(folder)), ignore_errors=True)  # results/other-models/<model>/: the runs' own
 
 
