@@ -22,7 +22,7 @@ import helpers
 from helpers import sweep as sweep_module
 from helpers.data import Corpus
 from helpers.sweep import (
-    LEGACY_SPEC, REPORT_STRATEGIES, Sweep, SweepSpec, blocks_read, choose_lr, code_hash, commit_results, main,
+    REPORT_STRATEGIES, Sweep, SweepSpec, blocks_read, choose_lr, code_hash, commit_results, main,
     plan_steps, subset,
 )
 
@@ -42,8 +42,6 @@ SPEC = SweepSpec(sizes={"8": 8, "64": 64}, strategies=("full_fine_tuning", "free
                  lrs=(1e-4, 5e-4, 2.5e-3), edge_steps=1, depths={"freeze_lower_layers": (1,)}, depth_sizes=("64",),
                  block_size=32, val_blocks=2, max_tokens=512, eval_every=4, report_draws=2, eval_block_size=64)
 CELLS = SPEC.cells()
-# The sweep as it ran in 2026-11: seed 0 chooses the rate and is scored too; no depths, edges or general text.
-LEGACY = replace(SPEC, **{k: tuple(v) if isinstance(v, list) else v for k, v in LEGACY_SPEC.items()})
 TIMING = {"seconds", "train_seconds"}
 TOKENIZER = char_tokenizer(bos=False)
 
@@ -274,28 +272,6 @@ def test_a_killed_sweep_resumes_to_the_same_files(finished, tmp_path, stops):
     assert [s["runs"] for s in sessions] == [*stops, total - done]
 
 
-def test_a_resumed_legacy_run_that_does_not_reproduce_its_record_is_refused(tmp_path):
-    # The 2026-11 protocol scores its selection seed: a resumed sweep re-trains the chosen run to score it.
-    out = tmp_path / "out"
-    with killed_after(len(LEGACY.lrs)):  # killed once the first cell's rates are tried, before its choice is final
-        new_sweep(out, LEGACY).run_grid()
-    for path in (out / "runs").rglob("*.json"):  # as if recorded on another machine, 1% away
-        record = json.loads(path.read_text())
-        path.write_text(json.dumps(record | {"best_val_loss": record["best_val_loss"] * 1.01}))
-    with pytest.raises(RuntimeError, match="not reproducible on this machine"):
-        new_sweep(out, LEGACY).run_grid()
-
-
-def test_the_legacy_protocol_scores_seed_0_at_the_chosen_rate(tmp_path):
-    sweep = new_sweep(tmp_path, replace(LEGACY, sizes={"64": 64}, strategies=("full_fine_tuning",)))
-    sweep.run_grid()
-    records = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("*.json")]
-    final = sorted(r["seed"] for r in records if r.get("final"))
-    assert final == [0, 1] and len(records) == len(LEGACY.lrs) + 1
-    assert all("general_ppl" not in r for r in records)
-    assert set(json.loads((tmp_path / "baseline.json").read_text())) == {"test_ppl"}
-
-
 def test_a_finished_sweep_trains_nothing_again(finished, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
@@ -350,6 +326,21 @@ def test_report_resumes_to_the_same_draws(finished, tmp_path):
     assert saved == [f"sweep: the report's protocol, {SPEC.report_draws - 1} more draw(s)"]
     assert_same_numbers(result_files(finished, "report"), result_files(out, "report"))
     assert not (out / "runs").exists()
+
+
+def test_workers_claim_the_report_draws_one_at_a_time(tmp_path):
+    # A worker once claimed every draw before running the first: killed after one, it left the rest to nobody.
+    out, claims, spec = tmp_path / "out", tmp_path / "claims", replace(SPEC, report_draws=4)
+    claims.mkdir()
+
+    def worker() -> Sweep:
+        return Sweep(out, spec, model_and_tokenizer=(tiny_model("qwen2"), TOKENIZER), corpus_data=CORPUS,
+                     general_data=GENERAL, progress=False, claims=claims, session=False)
+
+    with killed_after(1):
+        worker().run_report()
+    assert worker().run_report() == 2  # the first worker ran draw 0 and had claimed draw 1 when it was killed
+    assert sorted(result_files(out, "report")) == ["report/draw-0.json", "report/draw-2.json", "report/draw-3.json"]
 
 
 # --- 4. refusals ------------------------------------------------------------------------------------------------------
@@ -567,7 +558,7 @@ def test_gradual_unfreezing_records_what_trains_at_the_start_and_at_the_stop(tmp
 
 
 @pytest.mark.slow
-def test_commit_results_commits_the_folder_and_tolerates_nothing_new(tmp_path, capsys, git_identity):
+def test_commit_results_commits_the_folder_and_tolerates_nothing_new(tmp_path, capsys, git_identity, monkeypatch):
     git(tmp_path, "init", "-q")
     out = tmp_path / "results" / "sweep"
     (out / "runs").mkdir(parents=True)
@@ -578,6 +569,12 @@ def test_commit_results_commits_the_folder_and_tolerates_nothing_new(tmp_path, c
     assert git(tmp_path, "ls-files").split() == ["results/sweep/runs/a.json"]  # only the results folder
     commit_results(out, "sweep: nothing new")  # returns at once instead of retrying
     assert len(git(tmp_path, "log", "--format=%s").splitlines()) == 1
+    # --out given relative to the checkout, as `python -m helpers.sweep --out results/sweep` passes it
+    (out / "runs" / "b.json").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    commit_results(Path("results/sweep"), "sweep: 8 x full_fine_tuning done")
+    assert git(tmp_path, "log", "-1", "--format=%s").strip() == "sweep: 8 x full_fine_tuning done"
+    assert git(tmp_path, "ls-files").split() == ["results/sweep/runs/a.json", "results/sweep/runs/b.json"]
     assert capsys.readouterr().err == ""  # no "could not commit" warning
 
 

@@ -5,7 +5,7 @@
 * **report**: the report's own protocol with a working model: one 8-token training sequence, one 8-token test
   sequence, 20 epochs of AdamW at a constant 1e-4, for the report's four strategies, over several random draws;
 * **grid**: for each training-set size and strategy (and, at some sizes, other freezing depths), a selection seed
-  tries each rate of the strategy's grid (one more beyond an edge where the best sits there) and the lowest
+  tries each rate of the strategy's grid (where the best sits at an edge, up to two more beyond it) and the lowest
   validation loss chooses; other seeds (another subset and order each) are then trained at the chosen rate and
   scored. Every run reads its subset at least once, stops early on validation loss and keeps its best weights.
 
@@ -40,18 +40,8 @@ if TYPE_CHECKING:  # torch and transformers load inside the functions, so that -
     from .data import Corpus
 
 
-# How close a re-trained run's best validation loss must come to its record for a resumed sweep to go on: another
-# machine changes the last digits, which a few AdamW steps carry forward; a different run would differ by far more.
-RESUME_RTOL = 1e-3
-
-
 DEPTH_OPTIONS = {"freeze_lower_layers": "n_frozen", "adapter_layers": "n_top"}
 """The option that sets how deep a strategy reaches: blocks frozen from the bottom, blocks trained at the top."""
-
-# The fields sweep.json did not record before they existed (the sweep of 2026-11), with what each meant then:
-# sweep_results.sweep_spec fills them in, so that the old results are still read and re-run as they were made.
-LEGACY_SPEC = {"selection_seed": None, "edge_steps": 0, "depths": {}, "depth_sizes": [], "min_epochs": 0,
-               "tail_block": False, "score_general": False}
 
 SWEEP_RATES: dict[str, tuple[float, ...]] = {
     "full_fine_tuning": (4.5e-5, 1e-4, 2.2e-4),
@@ -75,7 +65,7 @@ class SweepSpec:
     edge_steps: int = 2          # when the best rate is the grid's lowest or highest, try one beyond, twice at most
     edge_factor: float = 5 ** 0.5
     seeds: int = 3               # scored seeds a cell, at the chosen rate
-    selection_seed: int | None = 0  # the seed whose runs choose the rate, never scored (None: seed 0, also scored)
+    selection_seed: int = 0      # the seed whose runs choose the rate, never scored
     depths: dict = field(default_factory=lambda: {"freeze_lower_layers": (10, 25), "adapter_layers": (8,)})
     depth_sizes: tuple = ("2k", "8k")  # those of the sizes where the other depths run (the default depth runs at all)
     block_size: int = 128        # text tokens per training block (a smaller subset is one block of its own length)
@@ -106,8 +96,6 @@ class SweepSpec:
 
     def scored_seeds(self) -> list[int]:
         """Return the seeds scored at the chosen rate: the first `seeds` ints but the selection seed (notebook 09)."""
-        if self.selection_seed is None:
-            return list(range(self.seeds))
         return [s for s in range(self.seeds + 1) if s != self.selection_seed][: self.seeds]
 
     def cells(self) -> list[tuple[str, str]]:
@@ -467,9 +455,8 @@ class Sweep:
         blocks, offset = self.data(size, seed)
         model, record = train_run(self.model, blocks, self.val_data, strategy, lr, seed, self.spec,
                                   n_prefix=len(self.prefix))
-        selection = 0 if self.spec.selection_seed is None else self.spec.selection_seed
         record.update(size=size, train_tokens=int(self.sizes[size]), offset=offset,
-                      phase="grid" if seed == selection else "seed")
+                      phase="grid" if seed == self.spec.selection_seed else "seed")
         return model, record
 
     # - the grid -
@@ -508,33 +495,27 @@ class Sweep:
     def _grid_cell(self, size: str, strategy: str, bar) -> float:
         """Train and measure what one cell lacks; return its chosen rate."""
         spec = self.spec
-        selection = 0 if spec.selection_seed is None else spec.selection_seed
-        scored = spec.scored_seeds()
-        models, grid = {}, {}
+        grid = {}
 
         def try_rate(lr: float) -> None:
-            grid[lr] = _read(run_path(self.out, size, strategy, lr, selection))
+            grid[lr] = _read(run_path(self.out, size, strategy, lr, spec.selection_seed))
             if grid[lr] is None:
-                models[lr], grid[lr] = self._new_run(size, strategy, lr, selection, bar, final=False)
+                grid[lr] = self._new_run(size, strategy, lr, spec.selection_seed, bar, final=False)
 
         for lr in spec.rates(strategy):
             try_rate(lr)
-        for _ in range(spec.edge_steps):  # the best rate at an edge of the grid: try one more beyond it
+        for _ in range(spec.edge_steps):  # the best rate at an edge of the grid: try one more beyond it, and again
             best, rates = choose_lr(grid), sorted(grid)
             if best not in (rates[0], rates[-1]) or len(rates) == 1:
                 break
             try_rate(float(f"{best * spec.edge_factor if best == rates[-1] else best / spec.edge_factor:.2g}"))
         chosen = choose_lr(grid)
-        if selection in scored and "test_ppl" not in grid[chosen]:
-            self._finish_chosen(size, strategy, chosen, grid[chosen], models.get(chosen))
-        models.clear()
-        for seed in scored:
+        for seed in spec.scored_seeds():
             if not run_path(self.out, size, strategy, chosen, seed).is_file():
                 self._new_run(size, strategy, chosen, seed, bar, final=True)
         return chosen
 
-    def _new_run(self, size: str, strategy: str, lr: float, seed: int, bar, *,
-                 final: bool) -> tuple[nn.Module, dict]:
+    def _new_run(self, size: str, strategy: str, lr: float, seed: int, bar, *, final: bool) -> dict:
         bar.set_postfix_str(f"{size} {strategy} lr {lr:g} seed {seed}")
         model, record = self.train(size, strategy, lr, seed)
         if final:  # a scored seed at the chosen rate
@@ -542,20 +523,7 @@ class Sweep:
         _write(run_path(self.out, size, strategy, lr, seed), record)
         bar.update()
         self._trained += 1
-        return model, record
-
-    def _finish_chosen(self, size: str, strategy: str, lr: float, record: dict, model: nn.Module | None) -> None:
-        """Mark the chosen selection run final with its scores (selection_seed None); a resumed sweep re-trains it."""
-        if model is None:
-            model, again = self.train(size, strategy, lr, 0)
-            if not math.isclose(again["best_val_loss"], record["best_val_loss"], rel_tol=RESUME_RTOL):
-                raise RuntimeError(
-                    f"Re-training {size}/{strategy} at lr {lr:g} gave validation loss {again['best_val_loss']:.6f}, "
-                    f"not the recorded {record['best_val_loss']:.6f}: the runs are not reproducible on this "
-                    "machine, so this sweep cannot be resumed here."
-                )
-        record.update(chosen_lr=lr, final=True, **self.scores(model))
-        _write(run_path(self.out, size, strategy, lr, 0), record)
+        return record
 
     # - the report's protocol -
 
@@ -567,21 +535,23 @@ class Sweep:
         from .progress import tqdm
 
         folder, draws = self.out / "report", self.spec.report_draws
-        todo = [d for d in range(draws) if not (folder / f"draw-{d}.json").is_file() and self._take(f"draw-{d}")]
-        if not todo:
-            return 0
-        baseline_test = self.test_perplexity(self.model)
+        todo = [d for d in range(draws) if not (folder / f"draw-{d}.json").is_file()]
+        done, baseline_test = 0, None
         with tqdm(total=draws, initial=draws - len(todo), desc="report protocol", unit="draw",
                   disable=not self.progress) as bar:
             for draw in todo:
+                if not self._take(f"draw-{draw}"):  # claimed one at a time, so that workers share the draws
+                    continue
+                baseline_test = baseline_test or self.test_perplexity(self.model)
                 bar.set_postfix_str(f"draw {draw}")
                 _write(folder / f"draw-{draw}.json", self.report_draw(draw, baseline_test))
-                self._drawn += 1
+                self._drawn, done = self._drawn + 1, done + 1
                 bar.update()
-        self.end_session()
-        if on_saved is not None:
-            on_saved(f"sweep: the report's protocol, {len(todo)} more draw(s)")
-        return len(todo)
+        if done:
+            self.end_session()
+            if on_saved is not None:
+                on_saved(f"sweep: the report's protocol, {done} more draw(s)")
+        return done
 
     def report_draw(self, draw: int, baseline_test: float) -> dict:
         """Return the record of draw `draw` of the report's protocol, not saved (notebook 09's live re-run)."""
@@ -629,6 +599,8 @@ def default_out() -> Path:
 
 def commit_results(out: Path, message: str) -> None:
     """Git-commit the results folder `out` (python -m helpers.sweep --commit, notebook 09)."""
+    out = Path(out).resolve()  # git runs inside the folder: a relative path would name a folder inside it
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args, "--", str(out)], cwd=out, capture_output=True, text=True)
 
