@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from .compare import REPORT_ROWS
 from .recipe import ORDER, REPORT_STRATEGIES
-from .sweep import DEPTH_OPTIONS, LEGACY_SPEC, Sweep, SweepSpec, default_out, run_path
+from .sweep import DEPTH_OPTIONS, Sweep, SweepSpec, default_out, run_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 RUN_COLUMNS = ["size", "train_tokens", "tokens_read", "strategy", "options", "lr", "seed", "phase", "final",
                "chosen_lr", "best_val_loss", "start_val_loss", "best_step", "steps_run", "max_steps", "epochs_run",
                "stopped_early_at", "test_ppl", "general_ppl", "trainable_params", "trainable_params_at_stop",
-               "train_seconds", "seconds"]
+               "train_seconds", "seconds", "blocks", "tokens_per_block", "steps_per_epoch", "eval_every", "offset"]
 
 DRAW_COLUMNS = ["draw", "strategy", "baseline_seq_ppl", "seq_ppl", "improvement_pct", "baseline_test_ppl", "test_ppl",
                 "trainable_params", "train_text", "test_text"]
@@ -47,7 +47,7 @@ def sweep_header(folder: str | Path | None = None) -> dict:
 
 def sweep_spec(folder: str | Path | None = None) -> SweepSpec:
     """Return the SweepSpec a sweep was run with (first used in notebook 03)."""
-    spec = LEGACY_SPEC | sweep_header(folder)["spec"]  # a field sweep.json lacks was not yet a choice
+    spec = sweep_header(folder)["spec"]
     lrs = {s: tuple(r) for s, r in spec["lrs"].items()} if isinstance(spec["lrs"], dict) else tuple(spec["lrs"])
     return SweepSpec(**spec | {"strategies": tuple(spec["strategies"]), "lrs": lrs,
                                "depths": {s: tuple(d) for s, d in spec["depths"].items()},
@@ -69,9 +69,9 @@ def sweep_runs(folder: str | Path | None = None) -> pd.DataFrame:
     return frame.sort_values(["size", "strategy", "lr", "seed"]).reset_index(drop=True)
 
 
-def chosen_rate(strategy: str, size: str = "full", folder: str | Path | None = None) -> float:
-    """Return the rate the sweep chose for `strategy` at `size`: the selection seed's lowest validation loss
-    (notebook 08)."""
+def chosen_rate(strategy: str, size: str = "all", folder: str | Path | None = None) -> float:
+    """Return the rate the sweep chose for `strategy` at `size` (default "all", the whole train split): the selection
+    seed's lowest validation loss (notebook 08)."""
     path = _folder(folder)
     spec = sweep_spec(path)
     if size not in spec.sizes:
@@ -119,40 +119,6 @@ def rate_table(runs: pd.DataFrame) -> pd.DataFrame:
     grid.columns = [f"val loss @ {lr:g}" for lr in grid.columns]
     grid["chosen lr"] = runs[runs["final"]].groupby(["size", "strategy"], observed=True)["chosen_lr"].first()
     return grid
-
-
-def paired_differences(runs: pd.DataFrame, size: str, a: str, b: str) -> list[float]:
-    """Return test perplexity of `a` minus that of `b` at `size`, seed by seed (notebook 09)."""
-    finals = runs[runs["final"] & (runs["size"] == size)]
-    pa = finals[finals["strategy"] == a].set_index("seed")["test_ppl"]
-    pb = finals[finals["strategy"] == b].set_index("seed")["test_ppl"]
-    seeds = sorted(set(pa.index) & set(pb.index))
-    if not seeds:
-        raise ValueError(f"No seed has final runs of both {a} and {b} at size {size}.")
-    return [float(pa[s] - pb[s]) for s in seeds]
-
-
-def verdicts(runs: pd.DataFrame) -> pd.DataFrame:
-    """Return per size the best strategy by mean test perplexity, and which others are within noise (notebook 09).
-
-    "Clearly worse" means worse on every seed, by a mean paired gap above twice the paired gaps' standard deviation;
-    otherwise the two are called within noise of each other at this number of seeds.
-    """
-    import pandas as pd
-
-    table = summary_table(runs)
-    rows = []
-    for size in table.index.get_level_values("size").unique():
-        means = table.loc[size, "test_mean"].dropna()
-        best = means.idxmin()
-        for strategy in means.index:
-            gaps = paired_differences(runs, size, strategy, best) if strategy != best else [0.0]
-            mean_gap = statistics.fmean(gaps)
-            sd = statistics.stdev(gaps) if len(gaps) > 1 else float("nan")
-            worse = strategy != best and all(g > 0 for g in gaps)
-            rows.append({"size": size, "strategy": strategy, "best": best, "gap_mean": mean_gap, "gap_sd": sd,
-                         "worse_on_every_seed": worse, "clearly_worse": worse and len(gaps) > 1 and mean_gap > 2 * sd})
-    return pd.DataFrame(rows).set_index(["size", "strategy"])
 
 
 # --- verdicts against the reference, fixed before the sweep ran -------------------------------------------------------
@@ -254,27 +220,30 @@ def rank_counts(draws: pd.DataFrame, column: str = "rank_seq") -> pd.DataFrame:
 # --- figures -------------------------------------------------------------------------------------------------------
 
 def plot_size_curves(runs: pd.DataFrame, *, baseline: float | None = None) -> Figure:
-    """Return test perplexity against training tokens (log x): a line per strategy, a min-max band (notebook 09)."""
+    """Return test perplexity against the training tokens read (log x), a line per strategy at its default depth, a
+    band from the lowest to the highest seed, each size's available text as a dotted line (notebook 09)."""
     from .plotting import new_figure
 
-    table = summary_table(runs).reset_index()
+    finals = runs[runs["final"] & ~runs["strategy"].astype(str).str.contains("@")]
+    table = finals.groupby(["size", "strategy"], observed=True).agg(
+        read=("tokens_read", "mean"), text=("train_tokens", "first"), mean=("test_ppl", "mean"),
+        low=("test_ppl", "min"), high=("test_ppl", "max")).reset_index()
     fig = new_figure(7.5, 4.4)
     ax = fig.add_subplot()
     for strategy, rows in table.groupby("strategy", observed=True):
         color = _COLORS.get(strategy)
-        ax.plot(rows["train_tokens"], rows["test_mean"], "o-", color=color, lw=1.6, ms=4,
-                label=strategy.replace("_", " "))
-        ax.fill_between(rows["train_tokens"], rows["test_min"], rows["test_max"], color=color, alpha=0.15, lw=0)
+        ax.plot(rows["read"], rows["mean"], "o-", color=color, lw=1.6, ms=4, label=strategy.replace("_", " "))
+        ax.fill_between(rows["read"], rows["low"], rows["high"], color=color, alpha=0.15, lw=0)
+    for size, text in table.groupby("size", observed=True)["text"].first().items():
+        ax.axvline(text, color="#bdbdbd", ls=":", lw=1)
+        ax.annotate(f"{size}: {text:,} text tokens", (text, 1), xycoords=("data", "axes fraction"), rotation=90,
+                    va="top", ha="right", fontsize=7, color="#636363")
     if baseline is not None:
         ax.axhline(baseline, color="#636363", ls="--", lw=1, label=f"no training ({baseline:.2f})")
     ax.set_xscale("log")
-    ticks = sorted(table["train_tokens"].unique())
-    labels = dict(zip(table["train_tokens"], table["size"].astype(str)))
-    ax.set_xticks(ticks, [f"{labels[t]}\n({t:,})" for t in ticks], fontsize=8)
-    ax.minorticks_off()
-    ax.set_xlabel("training set: label (text tokens available)")
-    ax.set_ylabel("test perplexity (lower is better)")
-    ax.set_title("test perplexity after early stopping, mean of seeds; band: lowest to highest seed", fontsize=10)
+    ax.set_xlabel("training tokens read (mean of seeds; a token read twice counts twice)")
+    ax.set_ylabel("Rust test perplexity (lower is better)")
+    ax.set_title("what each strategy learned, by tokens read; band: lowest to highest seed", fontsize=10)
     ax.grid(alpha=0.3, lw=0.5)
     ax.legend(fontsize=8, ncols=2, loc="lower left")
     fig.tight_layout()
@@ -286,29 +255,38 @@ def _color(strategy: str) -> str | None:
 
 
 def plot_trade_off(table: pd.DataFrame, baseline: dict[str, float]) -> Figure:
-    """Return Rust test perplexity against general perplexity, a panel per size: a point per strategy and depth
-    with 95 % seed intervals, the untrained model as a star (notebook 09). Down-left learns more, forgets less."""
+    """Return Rust test perplexity against general perplexity, a panel per size (three a row): a point per strategy
+    and depth with 95 % seed intervals, the untrained model as a star (notebook 09). Down-left learns more, forgets
+    less."""
     from .plotting import new_figure
 
     sizes = list(table.index.get_level_values("size").unique())
-    fig = new_figure(3.3 * len(sizes), 3.6)
+    ncols = min(3, len(sizes))
+    nrows = -(-len(sizes) // ncols)
+    fig = new_figure(3.6 * ncols, 3.3 * nrows)
     fig.set_layout_engine("constrained")
-    axes = fig.subplots(1, len(sizes), squeeze=False, sharey=True).ravel()
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    legend = {}
     for ax, size in zip(axes, sizes):
         for strategy, row in table.loc[size].iterrows():
             depth = "@" in strategy
-            ax.errorbar(row["test_mean"], row["general_mean"], xerr=row["test_half"], yerr=row["general_half"],
-                        fmt="s" if depth else "o", mfc="white" if depth else _color(strategy), ms=5, lw=1,
-                        color=_color(strategy), label=strategy.replace("_", " "))
-        ax.plot([baseline["test_ppl"]], [baseline["general_ppl"]], "*", color="black", ms=10, label="untrained")
+            bars = ax.errorbar(row["test_mean"], row["general_mean"], xerr=row["test_half"], yerr=row["general_half"],
+                               fmt="s" if depth else "o", mfc="white" if depth else _color(strategy), ms=5, lw=1,
+                               color=_color(strategy))
+            legend.setdefault(strategy.replace("_", " "), bars)
+        legend["untrained"], = ax.plot([baseline["test_ppl"]], [baseline["general_ppl"]], "*", color="black", ms=10)
         read = table.loc[size, "tokens_read"].mean()
         ax.set_title(f"size {size}: {read:,.0f} tokens read (mean)", fontsize=9)
         ax.set_xlabel("Rust test perplexity (learning: lower is better)", fontsize=8)
+        ax.set_ylabel("general-English perplexity\n(forgetting: higher is worse)", fontsize=8)
         ax.grid(alpha=0.3, lw=0.5)
-    axes[0].set_ylabel("general-English perplexity\n(forgetting: higher is worse)", fontsize=8)
-    handles, labels = axes[-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=5, fontsize=7, frameon=False)
-    fig.suptitle("what each strategy learned and forgot; bars: 95 % intervals over seeds", fontsize=10)
+    for ax in axes[len(sizes):]:
+        ax.axis("off")
+    where = axes[-1] if len(axes) > len(sizes) else fig
+    where.legend(list(legend.values()), list(legend), fontsize=7, frameon=False,
+                 **({"loc": "center"} if where is not fig else {"loc": "outside lower center", "ncols": 4}))
+    fig.suptitle("what each strategy learned and forgot; bars: 95 % intervals over seeds; squares: other depths",
+                 fontsize=10)
     return fig
 
 
