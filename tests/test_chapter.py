@@ -53,9 +53,14 @@ def test_a_run_trains_evaluates_and_keeps_its_frozen_tensors(tokenizer, text, ca
     assert len(run.history) == run.config.steps + 1
     assert run.evaluation["test_ppl"] < run.baseline_test_ppl
     assert run.result["trainable_params"] == run.counts["trainable"]
+    # The forgetting axis: the whole general-English set, scored by the Rust splits' rule, before and after training.
+    general = helpers.perplexity(run.model, tokenizer, helpers.load_general(),
+                                 block_size=helpers.RECIPE["eval_block_size"])
+    assert run.result["general_ppl"] == pytest.approx(general, rel=1e-6)
+    assert run.result["baseline_general_ppl"] != pytest.approx(general, rel=1e-3)
     text_report = run.report()
     assert f"frozen tensors unchanged: {frozen} of {frozen}" in text_report
-    assert "x the baseline" in text_report and strategy in text_report
+    assert "x the baseline" in text_report and strategy in text_report and "general English" in text_report
 
 
 def test_gradual_unfreezing_finishes_with_the_blocks_it_opened_counted_as_moved(tokenizer, text, cache):

@@ -1,4 +1,5 @@
 """The comparison table, the `helpers.compare` command on a tiny local model, and the widgets' static fallbacks."""
+import math
 import subprocess
 import sys
 
@@ -54,6 +55,12 @@ def test_table_has_baseline_row_and_relative_change():
     assert table.loc["lora", "trainable %"] == pytest.approx(4.0)
     assert table.loc["full_fine_tuning", "test / baseline"] == pytest.approx(0.5)
     assert table.loc["lora", "change %"] == pytest.approx(-45.0)
+    assert table["general ppl"].isna().all()  # records written before the general set existed: blanks, not zeros
+    forgot = dict(_fake("lora", 40, 11.0), baseline_general_ppl=30.0, general_ppl=33.0)
+    both = comparison_table({"lora": forgot, "full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0)})
+    assert both.loc["baseline (no training)", "general ppl"] == 30.0
+    assert both.loc["lora", "general / baseline"] == pytest.approx(1.1)
+    assert math.isnan(both.loc["full_fine_tuning", "general ppl"])
     side = report_side_by_side({"full_fine_tuning": _fake("full_fine_tuning", 1000, 10.0)})
     assert list(side.index) == ["full_fine_tuning"]
     assert side.loc["full_fine_tuning", "improvement % (ours)"] == pytest.approx(50.0)
@@ -131,10 +138,14 @@ def _current(name):
 def test_every_strategy_trains_at_the_rate_the_committed_sweep_chose_on_the_whole_split():
     from helpers.experiment import recipe_config
     from helpers.recipe import LEARNING_RATES
-    from helpers.sweep_results import chosen_rate
+    from helpers.sweep_results import chosen_rate, sweep_spec
 
-    # The rates are data in recipe.py, so that no notebook reads the sweep to train; they must be the sweep's choice.
-    assert LEARNING_RATES == {name: chosen_rate(name, "full") for name in ORDER}
+    # The rates are data in recipe.py, so that no notebook reads the sweep to train; they must be the sweep's choice
+    # on the whole train split (the size whose token count is None: "all").
+    whole = [label for label, n in sweep_spec().sizes.items() if n is None]
+    assert whole == ["all"]
+    assert LEARNING_RATES == {name: chosen_rate(name, "all") for name in ORDER}
+    assert chosen_rate("lora") == chosen_rate("lora", "all")  # the default size is the whole split
     for name in ORDER:
         assert recipe_config(name).lr == learning_rate(name) == LEARNING_RATES[name]
     assert recipe_config("lora", lr=1e-3).lr == 1e-3

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import Corpus, load_corpus
+from .data import Corpus, load_corpus, load_general
 from .device import keep_freed_memory
 from .experiment import (baseline_perplexity, check_context, choose_learning_rate, complete, evaluate_splits,
                          make_result, recipe_config, recipe_data, save_result)
@@ -45,6 +45,7 @@ class StrategyRun:
     options: dict
     config: TrainConfig
     baseline_test_ppl: float
+    baseline_general_ppl: float
     generation_before: str
     frozen_before: dict = field(repr=False, default_factory=dict)
     history: pd.DataFrame | None = field(repr=False, default=None)
@@ -81,7 +82,8 @@ class StrategyRun:
         self.generation_after = complete(self.model, self.tokenizer)
         self.result = make_result(
             self.model, self.history, strategy=self.strategy, baseline_test_ppl=self.baseline_test_ppl,
-            evaluation=self.evaluation, generation_before=self.generation_before,
+            baseline_general_ppl=self.baseline_general_ppl, evaluation=self.evaluation,
+            generation_before=self.generation_before,
             generation_after=self.generation_after, model_name=self.model_name,
         )
         self.result["trainable_map"] = trainable_map(self.model).reset_index().to_dict(orient="records")
@@ -114,7 +116,9 @@ class StrategyRun:
             f"loss: train {trained.iloc[:5].mean():.3f} -> {trained.iloc[-5:].mean():.3f} (mean of first/last 5 "
             f"steps), validation {checked.iloc[0]:.3f} -> {checked.iloc[-1]:.3f}",
             f"perplexity: validation {ev['val_ppl']:.2f}; test {self.baseline_test_ppl:.2f} -> {ev['test_ppl']:.2f} "
-            f"({ev['test_ppl'] / self.baseline_test_ppl:.3f} x the baseline)",
+            f"({ev['test_ppl'] / self.baseline_test_ppl:.3f} x the baseline); general English "
+            f"{self.baseline_general_ppl:.2f} -> {ev['general_ppl']:.2f} "
+            f"({ev['general_ppl'] / self.baseline_general_ppl:.3f} x)",
             f"frozen tensors unchanged: {len(self.frozen_before) - len(self.changed)} of {len(self.frozen_before)}",
             f"prompt {PROMPT!r}",
             f"  before: {self.generation_before!r}",
@@ -143,6 +147,7 @@ def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, mo
                   f"{RECIPE['eval_block_size']}-token windows")
     corpus = corpus or load_corpus()
     baseline = baseline_perplexity(model, tokenizer, corpus.test)
+    baseline_general = baseline_perplexity(model, tokenizer, load_general())
     before = complete(model, tokenizer)
     # The sweep tuned the rates for the default model only; another model gets its own, from a short check.
     chosen = config is None and lr is None and not is_default_model(model_name=model_name)
@@ -152,6 +157,7 @@ def prepare_run(strategy: str, *, lr: float | None = None, show: bool = True, mo
     config = config or (recipe_config(strategy) if lr is None else recipe_config(lr=lr))
     run = StrategyRun(strategy=strategy, model=model, tokenizer=tokenizer, corpus=corpus,
                       options=dict(model.strategy_info.options), config=config, baseline_test_ppl=baseline,
+                      baseline_general_ppl=baseline_general,
                       generation_before=before, frozen_before=frozen_snapshot(model), model_name=model_name)
     if show:
         layers = run.layers

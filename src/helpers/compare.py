@@ -121,9 +121,13 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
         raise ValueError("No results to compare: run at least one strategy (helpers.compare.run_strategy).")
     baseline = same_baseline(results)
     nan = float("nan")
+    # What a strategy forgot: its perplexity on general English (older records without it show a blank).
+    measured = [r["baseline_general_ppl"] for r in results.values() if r.get("baseline_general_ppl")]
+    general_base = sum(measured) / len(measured) if measured else nan
     rows = [{"strategy": "baseline (no training)", "trainable params": 0, "trainable %": 0.0, "trainable tensors": 0,
              "lr": nan, "train tokens": 0, "train s": nan, "tokens/s": nan, "peak memory MiB": nan, "val ppl": nan,
-             "test ppl": baseline, "test / baseline": 1.0, "change %": 0.0}]
+             "test ppl": baseline, "test / baseline": 1.0, "change %": 0.0, "general ppl": general_base,
+             "general / baseline": 1.0}]
     for name, r in results.items():
         rows.append({
             "strategy": name, "trainable params": int(r["trainable_params"]),
@@ -132,7 +136,8 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
             "train tokens": int(r.get("train_tokens") or 0), "train s": r["train_seconds"],
             "tokens/s": r["tokens_per_second"], "peak memory MiB": r["peak_memory_mb"], "val ppl": r["val_ppl"],
             "test ppl": r["test_ppl"], "test / baseline": r["test_ppl"] / baseline,
-            "change %": 100 * (r["test_ppl"] / baseline - 1),
+            "change %": 100 * (r["test_ppl"] / baseline - 1), "general ppl": r.get("general_ppl") or nan,
+            "general / baseline": (r.get("general_ppl") or nan) / general_base,
         })
     return pd.DataFrame(rows).set_index("strategy")
 
@@ -155,7 +160,7 @@ def report_side_by_side(results: dict[str, dict]) -> pd.DataFrame:
 
 COLUMN_FORMATS: dict[str, str] = {
     "lr": "g", "train s": ".0f", "tokens/s": ".0f", "peak memory MiB": ",.0f", "test / baseline": ".3f",
-    "change %": "+.1f", "improvement % (report)": ".1f", "improvement % (ours)": ".1f",
+    "general / baseline": ".3f", "change %": "+.1f", "improvement % (report)": ".1f", "improvement % (ours)": ".1f",
 }
 """Number formats of the columns that the default two decimals would flatten (a learning rate of 2e-4 is not 0.00) or
 clutter (seconds, mebibytes); every other float column gets two decimals, every integer a thousands separator."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import Corpus, load_corpus, make_dataloader, special_prefix, tokenize
+from .data import Corpus, load_corpus, load_general, make_dataloader, special_prefix, tokenize
 from .evaluation import generate, perplexity
 from .models import DEFAULT_MODEL, cache_dir, default_model_name
 from .recipe import LEARNING_RATES, PROMPT, RATE_GRID, RECIPE
@@ -128,11 +128,13 @@ def baseline_perplexity(model: nn.Module, tokenizer, texts: list[str]) -> float:
     return ppl
 
 
-def evaluate_splits(model: nn.Module, tokenizer, corpus: Corpus) -> dict[str, float]:
-    """Return the full validation and test perplexity of `model`, RECIPE's window (first used in notebook 03)."""
+def evaluate_splits(model: nn.Module, tokenizer, corpus: Corpus, general: list[str] | None = None) -> dict[str, float]:
+    """Return `model`'s perplexity on the whole validation and test splits and on the general-English set (default
+    `load_general()`): what it learned and what it forgot, RECIPE's window (first used in notebook 03)."""
     size = RECIPE["eval_block_size"]
     return {"val_ppl": perplexity(model, tokenizer, corpus.validation, block_size=size),
-            "test_ppl": perplexity(model, tokenizer, corpus.test, block_size=size)}
+            "test_ppl": perplexity(model, tokenizer, corpus.test, block_size=size),
+            "general_ppl": perplexity(model, tokenizer, general or load_general(), block_size=size)}
 
 
 def complete(model: nn.Module, tokenizer, prompt: str = PROMPT) -> str:
@@ -141,9 +143,11 @@ def complete(model: nn.Module, tokenizer, prompt: str = PROMPT) -> str:
 
 
 def make_result(model: nn.Module, history, *, strategy: str, baseline_test_ppl: float, evaluation: dict[str, float],
-                generation_before: str, generation_after: str, prompt: str = PROMPT,
-                model_name: str | None = None) -> dict:
-    """Return the result record of one run, the contents of results/<strategy>.json (first used in notebook 03)."""
+                generation_before: str, generation_after: str, baseline_general_ppl: float | None = None,
+                prompt: str = PROMPT, model_name: str | None = None) -> dict:
+    """Return the result record of one run, the contents of results/<strategy>.json (first used in notebook 03).
+
+    `evaluation` is `evaluate_splits`'s; `baseline_general_ppl` is the untrained model's on the general set."""
     trainable, total = count_parameters(model)
     trainable_tensors, total_tensors = count_tensors(model)
     info = getattr(model, "strategy_info", None)
@@ -155,6 +159,7 @@ def make_result(model: nn.Module, history, *, strategy: str, baseline_test_ppl: 
         "trainable_tensors": trainable_tensors, "total_tensors": total_tensors,
         "baseline_test_ppl": baseline_test_ppl, "val_ppl": evaluation["val_ppl"], "test_ppl": evaluation["test_ppl"],
         "ppl_ratio": evaluation["test_ppl"] / baseline_test_ppl,
+        "baseline_general_ppl": baseline_general_ppl, "general_ppl": evaluation.get("general_ppl"),
         "train_seconds": attrs.get("train_seconds"), "train_tokens": attrs.get("tokens"),
         "tokens_per_second": attrs.get("tokens_per_second"), "peak_memory_mb": attrs.get("peak_memory_mb"),
         "precision": attrs.get("precision"), "gradient_checkpointing": attrs.get("gradient_checkpointing"),

@@ -24,18 +24,21 @@ PROMPT = "In Rust, a borrowed reference"
 """The prompt every notebook completes before and after training."""
 
 RATE_GRID: tuple[float, ...] = (1e-4, 5e-4, 2.5e-3)
-"""The learning rates the sweep tries for every strategy (notebook 09), and the short check for another model."""
+"""The rates the short check for another model tries (`helpers.choose_learning_rate`, notebooks 03-08): a factor of
+5 apart, around the rates the sweep chose for the default model (2.2e-4 to 2.5e-3). The sweep itself tries a grid of
+its own per strategy, `helpers.sweep.SWEEP_RATES` (notebook 09)."""
 
 LEARNING_RATES: dict[str, float] = {
-    "full_fine_tuning": 1e-4,
-    "freeze_embeddings": 1e-4,
+    "full_fine_tuning": 2.2e-4,
+    "freeze_embeddings": 2.2e-4,
     "freeze_lower_layers": 5e-4,
     "adapter_layers": 2.5e-3,
     "lora": 2.5e-3,
     "gradual_unfreezing": 5e-4,
 }
-"""The rate each strategy trains the default model with under RECIPE: the one whose seed-0 run reached the lowest
-validation loss in the committed sweep (`results/sweep`, notebook 09); tests/test_compare.py checks them against it.
+"""The rate each strategy trains the default model with under RECIPE: the one the committed sweep chose for it on the
+whole train split (size "all", `results/sweep`, notebook 09), the lowest validation loss of its selection seed's runs
+over the strategy's grid and any step beyond an edge; tests/test_compare.py checks them against it.
 Another model gets its own (`helpers.choose_learning_rate`): these were never measured for it."""
 
 ORDER: tuple[str, ...] = tuple(LEARNING_RATES)
