@@ -171,6 +171,8 @@ def test_a_rerun_draw_reproduces_the_committed_draw(folder):
     assert (again["train_offset"], again["test_offset"]) == (kept["train_offset"], kept["test_offset"])
     for strategy, run in again["runs"].items():
         assert relative_gap(run["seq_ppl"], kept["runs"][strategy]["seq_ppl"]) < 1e-6
+        assert relative_gap(run["test_ppl"], kept["runs"][strategy]["test_ppl"]) < 1e-6
+        assert "general_ppl" in kept["runs"][strategy] and "general_ppl" not in run  # not re-scored: half the time
 
 
 def test_a_folder_without_a_sweep_says_how_to_make_one(tmp_path):
