@@ -393,18 +393,16 @@ def rerun(size: str, strategy: str, seed: int, *, folder: str | Path | None = No
 
 
 def rerun_report_draw(draw: int = 0, *, folder: str | Path | None = None, model_and_tokenizer: tuple | None = None,
-                      corpus_data: Corpus | None = None, general_data: list[str] | None = None) -> dict:
+                      corpus_data: Corpus | None = None) -> dict:
     """Return draw `draw` of the report's protocol run again here, the committed one under 'committed' (notebook 09);
     its general-English scores are not recomputed (the check reads the 8-token and test perplexities)."""
     path = _folder(folder)
     committed = path / "report" / f"draw-{draw}.json"
     if not committed.is_file():
         raise ValueError(f"The sweep in {path} has no report draw {draw}.")
-    # The draw's check reads its 8-token and test perplexities; scoring general English too would double its time.
-    spec = dataclasses.replace(sweep_spec(path), score_general=False)
+    spec = dataclasses.replace(sweep_spec(path), score_general=False)  # about half the draw's time
     with tempfile.TemporaryDirectory() as tmp:
-        sweep = Sweep(tmp, spec, model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data,
-                      general_data=general_data, progress=False)
+        sweep = Sweep(tmp, spec, model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data, progress=False)
         record = sweep.report_draw(draw, sweep.test_perplexity(sweep.model))
     return record | {"committed": json.loads(committed.read_text())}
 
