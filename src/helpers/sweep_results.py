@@ -400,7 +400,7 @@ def rerun_report_draw(draw: int = 0, *, folder: str | Path | None = None, model_
     committed = path / "report" / f"draw-{draw}.json"
     if not committed.is_file():
         raise ValueError(f"The sweep in {path} has no report draw {draw}.")
-    spec = dataclasses.replace(sweep_spec(path), score_general=False)  # about half the draw's time
+    spec = dataclasses.replace(sweep_spec(path), score_general=False)
     with tempfile.TemporaryDirectory() as tmp:
         sweep = Sweep(tmp, spec, model_and_tokenizer=model_and_tokenizer, corpus_data=corpus_data, progress=False)
         record = sweep.report_draw(draw, sweep.test_perplexity(sweep.model))
